@@ -1,0 +1,1 @@
+"""Frozen feature extractors and where their weights come from."""

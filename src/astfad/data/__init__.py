@@ -1,0 +1,1 @@
+"""Image IO, dataset layouts, k-shot sampling and synthetic anomalies."""

@@ -1,0 +1,1 @@
+"""Anomaly experts: each turns backbone features into a patch distance map."""

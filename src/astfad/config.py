@@ -1,0 +1,126 @@
+"""Configuration of a detector: one dataclass, saved as JSON beside the tensors.
+
+Every field has a default that works offline; a saved detector stores the full config so that a
+loaded detector scores exactly as the one that was fitted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+SINGLE_STRATEGIES = ("texture", "semantic", "semantic_adapter")
+FUSION_RULES = ("fusion_add", "fusion_mul", "fusion_max", "fusion_weighted_sum")
+IMAGE_SCORE_RULES = ("top1", "max", "reweight")
+
+
+def parse_strategy(strategy: str) -> tuple[str, float | None]:
+    """Split a strategy name into (rule, alpha); alpha only for `fusion_weighted_sum:<alpha>`.
+
+    Raises ValueError with the list of valid names for anything else.
+    """
+    name, _, arg = strategy.partition(":")
+    if name in SINGLE_STRATEGIES or name in ("fusion_add", "fusion_mul", "fusion_max", "auto"):
+        if arg:
+            raise ValueError(f"strategy '{strategy}' takes no argument")
+        return name, None
+    if name == "fusion_weighted_sum":
+        try:
+            alpha = float(arg) if arg else 0.5
+        except ValueError:
+            raise ValueError(f"strategy '{strategy}': alpha must be a number in [0, 1]") from None
+        if not 0.0 <= alpha <= 1.0 or math.isnan(alpha):
+            raise ValueError(f"strategy '{strategy}': alpha must be in [0, 1]")
+        return name, alpha
+    valid = ", ".join((*SINGLE_STRATEGIES, "fusion_add", "fusion_mul", "fusion_max",
+                       "fusion_weighted_sum:<alpha>", "auto"))
+    raise ValueError(f"unknown strategy '{strategy}'; valid: {valid}")
+
+
+def experts_of(strategy: str) -> tuple[str, ...]:
+    """The experts a strategy needs: `texture`, `semantic` and/or `semantic_adapter`."""
+    name, _ = parse_strategy(strategy)
+    if name in SINGLE_STRATEGIES:
+        return (name,)
+    if name == "auto":
+        return SINGLE_STRATEGIES
+    return ("texture", "semantic")
+
+
+@dataclass
+class DetectorConfig:
+    """All knobs of a detector. Sizes are the side of an equal-area square: a category whose
+    images are 2.5:1 gets a 2.5:1 input grid of the same pixel count, so nothing is distorted."""
+
+    strategy: str = "semantic"
+    seed: int = 0
+    device: str = "auto"
+    # texture expert (PatchCore)
+    texture_backbone: str = "efficientnet_lite0"
+    texture_weights: str | None = None
+    texture_size: int = 256
+    texture_pool: int = 3
+    coreset_budget: int = 20000
+    coreset_projection_dim: int = 128
+    # semantic expert (DINOv2 patch kNN)
+    semantic_backbone: str = "dinov2_vits14"
+    semantic_weights: str | None = None
+    semantic_size: int = 448
+    semantic_layers: tuple[int, ...] | None = None  # None: the backbone's measured default
+    rotate_references: bool | None = None  # None: on when fitted with <= 4 images
+    mask_background: bool = False
+    # adapter
+    adapter_hidden: int = 128
+    adapter_steps: int = 150
+    adapter_lr: float = 1e-3
+    adapter_views: int = 2
+    # scoring protocol, shared by every strategy
+    eval_size: int = 256
+    blur_sigma: float = 4.0
+    image_score: str = "top1"
+    aspect_ratio: float | None = None  # width / height; None: median of the fitted images
+    # normalisation and thresholds (from normal data only)
+    normaliser: str = "zscore"  # or "robust" (median / MAD)
+    threshold_quantile: float = 0.99
+    pixel_threshold_quantile: float = 0.999
+    threshold: float | None = None  # manual override of the image threshold
+    pixel_threshold: float | None = None
+    # selection
+    selection_weights: tuple[float, float] = (0.5, 0.5)  # image AUROC, pixel AUROC
+    pinned: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        parse_strategy(self.strategy)
+        if self.image_score not in IMAGE_SCORE_RULES:
+            raise ValueError(f"image_score must be one of {IMAGE_SCORE_RULES}, got '{self.image_score}'")
+        if self.normaliser not in ("zscore", "robust"):
+            raise ValueError(f"normaliser must be 'zscore' or 'robust', got '{self.normaliser}'")
+        if self.semantic_layers is not None:
+            self.semantic_layers = tuple(int(i) for i in self.semantic_layers)
+        self.selection_weights = tuple(float(w) for w in self.selection_weights)  # type: ignore[assignment]
+        for name in ("texture_size", "semantic_size", "eval_size"):
+            if getattr(self, name) < 32:
+                raise ValueError(f"{name} must be at least 32 pixels")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "DetectorConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown config keys: {', '.join(unknown)}")
+        return cls(**data)
+
+
+def grid_for(size: int, aspect: float, multiple: int) -> tuple[int, int]:
+    """(height, width) with height * width close to size**2, width / height close to `aspect`,
+    both multiples of `multiple` (the backbone's patch or stride)."""
+    aspect = min(max(aspect, 0.25), 4.0)
+    height = size / math.sqrt(aspect)
+    width = size * math.sqrt(aspect)
+    return (max(multiple, int(round(height / multiple)) * multiple),
+            max(multiple, int(round(width / multiple)) * multiple))

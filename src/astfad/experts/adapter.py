@@ -1,0 +1,157 @@
+"""The Adapter: a residual bottleneck on frozen ViT tokens, trained on the normal shots alone.
+
+Loss (the Compactness Loss, with a guard against collapse), on matching patch pairs of an image
+and an augmented view of it:
+  - view consistency: 1 - cos(A(x), A(x_view)), the same patch must map to the same place;
+  - prototype compactness: 1 - cos(A(x), nearest prototype), prototypes being k-means centres of
+    the adapted normal tokens, refreshed during training: normal features are pulled together;
+  - anti-collapse: a hinge keeping every output dimension's spread at least `keep_spread` of the
+    input's (the trivial solution maps everything to one point and has zero spread), plus a
+    small penalty on the distance to the identity mapping.
+The up-projection starts at zero, so an untrained adapter is exactly the identity.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from astfad.experts.semantic import SemanticExpert
+
+PROTOTYPES = 32
+KEEP_SPREAD = 0.8
+IDENTITY_WEIGHT = 0.1
+BATCH_PATCHES = 2048
+
+
+class Adapter(nn.Module):
+    """x + up(relu(down(x))) over the channel dimension of (..., D) tokens."""
+
+    def __init__(self, dim: int, hidden: int = 128) -> None:
+        super().__init__()
+        self.down = nn.Linear(dim, hidden)
+        self.up = nn.Linear(hidden, dim)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.up(F.relu(self.down(x)))
+
+    def forward_maps(self, feats: torch.Tensor) -> torch.Tensor:
+        """(N, D, h, w) -> (N, D, h, w)."""
+        return self(feats.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+def flip_views(image: np.ndarray, rng: np.random.Generator, count: int,
+               jitter: float = 0.15) -> list[tuple[np.ndarray, tuple[int, ...]]]:
+    """`count` views made by flips (whose patch correspondence is exact on any grid) and
+    brightness/contrast jitter; each comes with the flip dims that map it back."""
+    choices = [(1,), (0,), (0, 1)]
+    first = int(rng.integers(0, 3))
+    out = []
+    for i in range(count):
+        dims = choices[(first + i) % 3]
+        view = image
+        for d in dims:
+            view = np.flip(view, axis=d)
+        view = view.astype(np.float32)
+        mean = view.mean()
+        view = (view - mean) * rng.uniform(1 - jitter, 1 + jitter) + mean * rng.uniform(1 - jitter, 1 + jitter)
+        out.append((np.ascontiguousarray(np.clip(view, 0, 255).astype(np.uint8)), dims))
+    return out
+
+
+def align_view(feats: torch.Tensor, dims: Sequence[int]) -> torch.Tensor:
+    """Undo the flips of a view on its (D, h, w) feature map (image axis 0 -> map axis 1)."""
+    return torch.flip(feats, [d + 1 for d in dims]) if dims else feats
+
+
+def _kmeans(x: torch.Tensor, k: int, generator: torch.Generator, iters: int = 10) -> torch.Tensor:
+    """Spherical k-means centres (cosine), enough to give the compactness term its prototypes."""
+    x = F.normalize(x, dim=1)
+    centres = x[torch.randperm(x.shape[0], generator=generator)[:k]].clone()
+    for _ in range(iters):
+        assign = (x @ centres.T).argmax(1)
+        sums = torch.zeros_like(centres).index_add_(0, assign, x)
+        counts = torch.bincount(assign, minlength=centres.shape[0]).unsqueeze(1)
+        centres = torch.where(counts > 0, F.normalize(sums, dim=1), centres)
+    return centres
+
+
+def spread(x: torch.Tensor) -> torch.Tensor:
+    """Mean per-dimension standard deviation of (M, D) features."""
+    return x.std(dim=0).mean()
+
+
+def train_adapter(anchors: torch.Tensor, positives: torch.Tensor, hidden: int = 128,
+                  steps: int = 150, lr: float = 1e-3, seed: int = 0) -> tuple[Adapter, dict[str, float]]:
+    """Train an Adapter on matching (M, D) patch pairs; returns it with the final loss terms and
+    the spread of input and adapted features (the collapse check)."""
+    if anchors.shape != positives.shape or anchors.ndim != 2:
+        raise ValueError("anchors and positives must be matching (M, D) tensors")
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    adapter = Adapter(anchors.shape[1], hidden)
+    optimiser = torch.optim.AdamW(adapter.parameters(), lr=lr, weight_decay=1e-4)
+    m = anchors.shape[0]
+    sample = torch.randperm(m, generator=generator)[: min(m, 20000)]
+    input_std = anchors[sample].std(dim=0)
+    prototypes = _kmeans(anchors[sample], min(PROTOTYPES, len(sample)), generator)
+    terms: dict[str, float] = {}
+    for step in range(steps):
+        if step and step % 50 == 0:
+            with torch.no_grad():
+                prototypes = _kmeans(adapter(anchors[sample]), prototypes.shape[0], generator)
+        batch = torch.randint(0, m, (min(BATCH_PATCHES, m),), generator=generator)
+        a, p = adapter(anchors[batch]), adapter(positives[batch])
+        consistency = 1 - F.cosine_similarity(a, p, dim=1).mean()
+        nearest = (F.normalize(a, dim=1) @ prototypes.T).max(1).values
+        compactness = (1 - nearest).mean()
+        collapse = F.relu(KEEP_SPREAD * input_std - a.std(dim=0)).mean() / input_std.mean()
+        identity = (a - anchors[batch]).pow(2).sum(1).mean()
+        loss = consistency + compactness + collapse + IDENTITY_WEIGHT * identity
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+        terms = {name: float(value.detach()) for name, value in (
+            ("loss", loss), ("consistency", consistency), ("compactness", compactness),
+            ("collapse", collapse), ("identity", identity))}
+    adapter.eval()
+    with torch.no_grad():
+        terms["input_spread"] = float(spread(anchors[sample]))
+        terms["adapted_spread"] = float(spread(adapter(anchors[sample])))
+    for p in adapter.parameters():
+        p.requires_grad_(False)
+    return adapter, terms
+
+
+class AdaptedSemanticExpert(SemanticExpert):
+    """The semantic expert searching in the adapter's feature space."""
+
+    name = "semantic_adapter"
+
+    def __init__(self, adapter: Adapter | None = None, mask_background: bool = False, seed: int = 0) -> None:
+        super().__init__(mask_background, seed)
+        self.adapter = adapter
+
+    def transform(self, feats: torch.Tensor) -> torch.Tensor:
+        if self.adapter is None:
+            raise RuntimeError("the semantic_adapter expert has no trained adapter")
+        with torch.no_grad():
+            return self.adapter.forward_maps(feats)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        out = super().tensors()
+        out.update({f"adapter.{k}": v for k, v in self.adapter.state_dict().items()})
+        return out
+
+    def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        weights = {k.removeprefix("adapter."): v for k, v in tensors.items() if k.startswith("adapter.")}
+        self.adapter = Adapter(weights["down.weight"].shape[1], weights["down.weight"].shape[0])
+        self.adapter.load_state_dict(weights)
+        self.adapter.eval()
+        super().load_tensors({k: v for k, v in tensors.items() if not k.startswith("adapter.")})

@@ -1,0 +1,76 @@
+import numpy as np
+import pytest
+import torch
+
+from astfad.memory import MemoryBank, NearestNeighbours, greedy_coreset
+
+
+def brute(queries, bank, metric):
+    if metric == "cosine":
+        q = torch.nn.functional.normalize(queries, dim=1)
+        b = torch.nn.functional.normalize(bank, dim=1)
+        return (1 - q @ b.T).min(1).values
+    return torch.cdist(queries, bank).min(1).values
+
+
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_nearest_matches_brute_force(metric):
+    g = torch.Generator().manual_seed(0)
+    bank, queries = torch.randn(500, 16, generator=g), torch.randn(300, 16, generator=g)
+    dist, idx = NearestNeighbours(bank, metric).search(queries, k=3)
+    assert dist.shape == (300, 3) and idx.shape == (300, 3)
+    assert torch.allclose(dist[:, 0], brute(queries, bank, metric), atol=1e-4)
+    assert (dist[:, 1:] >= dist[:, :-1] - 1e-6).all()
+
+
+def test_distances_are_not_squared():
+    bank = torch.zeros(1, 2)
+    dist, _ = NearestNeighbours(bank, "l2").search(torch.tensor([[3.0, 4.0]]))
+    assert dist.item() == pytest.approx(5.0)
+
+
+def test_torch_search_path_agrees_with_faiss():
+    g = torch.Generator().manual_seed(1)
+    bank, queries = torch.randn(200, 8, generator=g), torch.randn(50, 8, generator=g)
+    nn_faiss = NearestNeighbours(bank, "l2")
+    nn_torch = NearestNeighbours(bank, "l2")
+    nn_torch._index = None  # the CUDA code path, run on the CPU
+    assert torch.allclose(nn_faiss.search(queries, 2)[0], nn_torch.search(queries, 2)[0], atol=1e-4)
+
+
+def test_greedy_coreset_covers_clusters_and_is_seeded():
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(5, 32, generator=g) * 20
+    points = torch.cat([c + torch.randn(200, 32, generator=g) for c in centres])
+    chosen = greedy_coreset(points, 10, projection_dim=16, seed=3)
+    assert len(set(chosen.tolist())) == 10
+    assert set((chosen // 200).tolist()) == set(range(5))  # every cluster represented
+    assert torch.equal(chosen, greedy_coreset(points, 10, projection_dim=16, seed=3))
+    assert torch.equal(greedy_coreset(points, 5000), torch.arange(1000))
+
+
+def test_coreset_bank_bounds_error_against_full_bank():
+    g = torch.Generator().manual_seed(0)
+    feats = torch.randn(2000, 8, generator=g)
+    full = MemoryBank(feats, torch.zeros(2000, dtype=torch.long))
+    small = MemoryBank(feats, torch.zeros(2000, dtype=torch.long), budget=200, projection_dim=0)
+    assert len(small) == 200
+    q = torch.randn(100, 8, generator=g)
+    assert (small.nearest(q) >= full.nearest(q) - 1e-5).all()
+
+
+def test_nearest_per_owner_gives_leave_one_out():
+    g = torch.Generator().manual_seed(0)
+    feats = torch.randn(30, 4, generator=g)
+    owners = torch.arange(3).repeat_interleave(10)
+    bank = MemoryBank(feats, owners)
+    per = bank.nearest_per_owner(feats[:10])
+    assert per.shape == (10, 3)
+    assert torch.allclose(per[:, 0], torch.zeros(10), atol=1e-3)
+    loo = per[:, 1:].min(1).values
+    assert torch.allclose(loo, torch.cdist(feats[:10], feats[10:]).min(1).values, atol=1e-4)
+
+
+def test_empty_bank_is_refused():
+    with pytest.raises(ValueError, match="non-empty"):
+        NearestNeighbours(torch.empty(0, 4))

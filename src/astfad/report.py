@@ -1,0 +1,516 @@
+"""Benchmark results: the `results.csv` contract, its Markdown summary and its plots.
+
+`results.csv` is written one finished cell (category, shots, seed, strategy) at a time by
+`append_row`, flushed and fsynced, so an interrupted benchmark keeps every finished cell and can
+resume from the file. `summarise` turns rows into seed statistics; `write_summary` and
+`plot_results` only render those statistics, so the tables and the figures always agree.
+
+Aggregation rule used everywhere: a per-category value is the mean ± sample std (ddof=1) over
+seeds; an all-category value is, for each seed, the mean over categories (NaN metrics skipped),
+then the mean ± std of those per-seed means over seeds. A seed only enters an all-category value
+when the strategy has a row for every category of that shot count, so strategies are compared on
+the same categories.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+import warnings
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from matplotlib import colormaps
+from matplotlib.figure import Figure
+from matplotlib.ticker import NullLocator
+
+__all__ = [
+    "RESULT_COLUMNS",
+    "METRIC_COLUMNS",
+    "Stat",
+    "Summary",
+    "append_row",
+    "read_results",
+    "order_strategies",
+    "summarise",
+    "write_summary",
+    "plot_results",
+]
+
+RESULT_COLUMNS: tuple[str, ...] = (
+    "category", "shots", "seed", "strategy", "applied_strategy",
+    "image_auroc", "pixel_auroc", "aupro", "image_f1_max", "pixel_f1_max", "image_ap", "pixel_ap",
+    "fit_seconds", "predict_seconds_per_image", "shot_files",
+)
+METRIC_COLUMNS: tuple[str, ...] = (
+    "image_auroc", "pixel_auroc", "aupro", "image_f1_max", "pixel_f1_max", "image_ap", "pixel_ap",
+)
+_INT_COLUMNS = ("shots", "seed")
+_FLOAT_COLUMNS = METRIC_COLUMNS + ("fit_seconds", "predict_seconds_per_image")
+_TABLE_METRICS = {"image_auroc": "Image AUROC", "pixel_auroc": "Pixel AUROC", "aupro": "AUPRO"}
+_FIXED_ORDER = ("texture", "semantic", "semantic_adapter", "fusion_add", "fusion_mul", "fusion_max")
+_NO_VALUE = "–"
+_DPI = 120
+
+
+# ----------------------------------------------------------------------------- results.csv
+
+def _format_value(column: str, value: Any) -> str:
+    """One CSV field: ints as ints, floats with 6 significant digits, NaN/None as `nan`."""
+    if column in _INT_COLUMNS:
+        if isinstance(value, float) and not value.is_integer():
+            raise ValueError(f"column '{column}' must be an integer, got {value!r}")
+        return str(int(value))
+    if column in _FLOAT_COLUMNS:
+        number = math.nan if value is None else float(value)
+        return "nan" if math.isnan(number) else f"{number:.6g}"
+    if column == "shot_files" and not isinstance(value, str):
+        return ";".join(str(name) for name in value)
+    return str(value)
+
+
+def _csv_line(fields: Sequence[str]) -> str:
+    buffer = io.StringIO()
+    csv.writer(buffer, lineterminator="\n").writerow(fields)
+    return buffer.getvalue()
+
+
+_HEADER_LINE = _csv_line(RESULT_COLUMNS)
+
+
+def append_row(path: Path, row: Mapping[str, Any]) -> None:
+    """Append one finished cell to results.csv, creating it with the header when new or empty.
+
+    The row must have exactly the `RESULT_COLUMNS` keys (`shot_files` may be a list of names).
+    The line is written in one call, then flushed and fsynced, so a crash loses nothing finished.
+    A last line without its newline (a write cut by a crash) is an unfinished row: it is dropped
+    before appending, since the benchmark recomputes that cell.
+    """
+    missing = [c for c in RESULT_COLUMNS if c not in row]
+    extra = [c for c in row if c not in RESULT_COLUMNS]
+    if missing or extra:
+        raise ValueError(f"result row does not match RESULT_COLUMNS: missing {missing}, unexpected {extra}")
+    line = _csv_line([_format_value(c, row[c]) for c in RESULT_COLUMNS]).encode()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    created = not path.exists()
+    with open(path, "a+b") as f:
+        size = f.seek(0, os.SEEK_END)
+        if size:
+            f.seek(size - 1)
+            if f.read(1) != b"\n":
+                f.seek(0)
+                size = f.read().rfind(b"\n") + 1
+                f.truncate(size)
+        if size:
+            f.seek(0)
+            if f.readline().decode() != _HEADER_LINE:
+                raise ValueError(f"{path}: its columns differ from RESULT_COLUMNS; "
+                                 "write to a new file instead of appending")
+        else:
+            line = _HEADER_LINE.encode() + line
+        f.write(line)
+        f.flush()
+        os.fsync(f.fileno())
+    if created and os.name == "posix":  # make the new directory entry durable too
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _parse_value(column: str, text: str) -> Any:
+    if column in _INT_COLUMNS:
+        return int(text)
+    if column in _FLOAT_COLUMNS:
+        return math.nan if text.strip() == "" else float(text)
+    return text
+
+
+def read_results(path: Path) -> list[dict[str, Any]]:
+    """Rows of a results.csv: ints for shots/seed, floats for metrics and times (empty or `nan`
+    -> NaN), strings otherwise. A last line without newline, left by an interrupted write, is
+    skipped with a warning. A file whose header is not `RESULT_COLUMNS` raises ValueError."""
+    path = Path(path)
+    text = path.read_text(encoding="utf-8")
+    if text and not text.endswith("\n"):
+        warnings.warn(f"{path}: ignoring an unfinished last line (interrupted write)", RuntimeWarning,
+                      stacklevel=2)
+        text = text[: text.rfind("\n") + 1]
+    records = list(csv.reader(io.StringIO(text)))
+    if not records:
+        return []
+    if tuple(records[0]) != RESULT_COLUMNS:
+        raise ValueError(f"{path}: its columns differ from RESULT_COLUMNS "
+                         f"(expected {', '.join(RESULT_COLUMNS)}; found {', '.join(records[0])})")
+    rows = []
+    for line_number, record in enumerate(records[1:], start=2):
+        if len(record) != len(RESULT_COLUMNS):
+            raise ValueError(f"{path}:{line_number}: {len(record)} fields, expected {len(RESULT_COLUMNS)}")
+        try:
+            rows.append({c: _parse_value(c, v) for c, v in zip(RESULT_COLUMNS, record)})
+        except ValueError as exc:
+            raise ValueError(f"{path}:{line_number}: {exc}") from None
+    return rows
+
+
+# ----------------------------------------------------------------------------- statistics
+
+def _strategy_key(name: str) -> tuple[int, int, float, str]:
+    if name in _FIXED_ORDER:
+        return 0, _FIXED_ORDER.index(name), 0.0, ""
+    if name.startswith("fusion_weighted_sum:"):
+        try:
+            alpha = float(name.partition(":")[2])
+        except ValueError:
+            alpha = math.inf
+        return 1, 0, alpha, name
+    if name == "auto":
+        return 2, 0, 0.0, ""
+    if name.startswith("preset:"):
+        return 3, 0, 0.0, name
+    if name == "oracle":
+        return 5, 0, 0.0, ""
+    return 4, 0, 0.0, name
+
+
+def order_strategies(names: Iterable[str]) -> list[str]:
+    """Distinct strategy names in reading order: single experts, fusions (weighted sums by alpha),
+    auto, presets, anything else, and the oracle (an upper bound) last."""
+    return sorted(set(names), key=_strategy_key)
+
+
+@dataclass(frozen=True)
+class Stat:
+    """A value over seeds, as a fraction: mean and sample std (NaN with one seed), n seeds used."""
+
+    mean: float
+    std: float
+    n: int
+
+    @classmethod
+    def of(cls, values: Iterable[float]) -> Stat:
+        finite = [v for v in values if math.isfinite(v)]
+        if not finite:
+            return cls(math.nan, math.nan, 0)
+        std = float(np.std(finite, ddof=1)) if len(finite) > 1 else math.nan
+        return cls(float(np.mean(finite)), std, len(finite))
+
+
+@dataclass(frozen=True)
+class Summary:
+    """Seed statistics of a benchmark, keyed by (metric, strategy, shots[, category]).
+
+    `per_category` holds mean ± std over seeds of one category; `overall` the all-category value
+    (per seed the mean over categories, then over seeds). `seeds[shots]` are the seeds present at
+    that shot count; `timing[(strategy, shots)]` = (mean fit s, mean predict s per image);
+    `applied[(strategy, shots, category)]` counts the strategies actually applied over seeds.
+    """
+
+    strategies: tuple[str, ...]
+    categories: dict[int, tuple[str, ...]]
+    seeds: dict[int, tuple[int, ...]]
+    per_category: dict[tuple[str, str, int, str], Stat]
+    overall: dict[tuple[str, str, int], Stat]
+    timing: dict[tuple[str, int], tuple[float, float]]
+    applied: dict[tuple[str, int, str], Counter[str]]
+
+    @property
+    def shots(self) -> tuple[int, ...]:
+        return tuple(sorted(self.categories))
+
+    @property
+    def all_seeds(self) -> tuple[int, ...]:
+        return tuple(sorted({s for seeds in self.seeds.values() for s in seeds}))
+
+    @property
+    def all_categories(self) -> tuple[str, ...]:
+        return tuple(sorted({c for cats in self.categories.values() for c in cats}))
+
+
+def _float(value: Any) -> float:
+    return math.nan if value is None or value == "" else float(value)
+
+
+def summarise(rows: Iterable[Mapping[str, Any]]) -> Summary:
+    """Aggregate result rows (from `read_results` or the benchmark) over seeds and categories.
+
+    A cell that appears twice (a re-run) keeps its last row, with a warning."""
+    cells: dict[tuple[str, int, int, str], Mapping[str, Any]] = {}
+    for row in rows:
+        key = (row["strategy"], int(row["shots"]), int(row["seed"]), row["category"])
+        if key in cells:
+            warnings.warn(f"duplicate result for strategy={key[0]} shots={key[1]} seed={key[2]} "
+                          f"category={key[3]}: keeping the last row", RuntimeWarning, stacklevel=2)
+        cells[key] = row
+    if not cells:
+        raise ValueError("no result rows to summarise")
+
+    strategies = tuple(order_strategies(k[0] for k in cells))
+    shot_counts = sorted({k[1] for k in cells})
+    categories = {k: tuple(sorted({c[3] for c in cells if c[1] == k})) for k in shot_counts}
+    seeds = {k: tuple(sorted({c[2] for c in cells if c[1] == k})) for k in shot_counts}
+
+    per_category: dict[tuple[str, str, int, str], Stat] = {}
+    overall: dict[tuple[str, str, int], Stat] = {}
+    timing: dict[tuple[str, int], tuple[float, float]] = {}
+    applied: dict[tuple[str, int, str], Counter[str]] = {}
+    for strategy in strategies:
+        for k in shot_counts:
+            present = {(s, c): row for (st, kk, s, c), row in cells.items() if st == strategy and kk == k}
+            if not present:
+                continue
+            for category in categories[k]:
+                chosen = Counter(str(row["applied_strategy"]) for (_, c), row in present.items() if c == category)
+                if chosen:
+                    applied[(strategy, k, category)] = chosen
+            complete = [s for s in seeds[k] if all((s, c) in present for c in categories[k])]
+            for metric in METRIC_COLUMNS:
+                for category in categories[k]:
+                    values = [_float(row[metric]) for (_, c), row in present.items() if c == category]
+                    if values:
+                        per_category[(metric, strategy, k, category)] = Stat.of(values)
+                per_seed = []
+                for s in complete:
+                    values = [v for c in categories[k] if math.isfinite(v := _float(present[(s, c)][metric]))]
+                    per_seed.append(float(np.mean(values)) if values else math.nan)
+                overall[(metric, strategy, k)] = Stat.of(per_seed)
+            timing[(strategy, k)] = (_nanmean(_float(row["fit_seconds"]) for row in present.values()),
+                                     _nanmean(_float(row["predict_seconds_per_image"]) for row in present.values()))
+    return Summary(strategies, categories, seeds, per_category, overall, timing, applied)
+
+
+def _nanmean(values: Iterable[float]) -> float:
+    finite = [v for v in values if math.isfinite(v)]
+    return float(np.mean(finite)) if finite else math.nan
+
+
+# ----------------------------------------------------------------------------- summary.md
+
+def _pct(stat: Stat | None, total_seeds: int, with_std: bool = True) -> str:
+    """`91.2 ± 0.8` in percent; `(n=2)` when fewer seeds than the run has; `–` without a value."""
+    if stat is None or stat.n == 0:
+        return _NO_VALUE
+    text = f"{100 * stat.mean:.1f}"
+    if with_std and stat.n > 1:
+        text += f" ± {100 * stat.std:.1f}"
+    if stat.n < total_seeds:
+        text += f" (n={stat.n})"
+    return text
+
+
+def _best(stats: dict[str, Stat | None]) -> set[str]:
+    """Strategies holding the best mean at the shown precision; the oracle, which picks with test
+    labels, does not compete, and a column with a single contender has no 'best'."""
+    shown = {s: round(100 * st.mean, 1) for s, st in stats.items()
+             if st is not None and st.n and s != "oracle"}
+    if len(shown) < 2:
+        return set()
+    top = max(shown.values())
+    return {s for s, v in shown.items() if v == top}
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+def _table(header: Sequence[str], body: Iterable[Sequence[str]], text_columns: int = 1) -> list[str]:
+    """A Markdown table: the first `text_columns` left-aligned, the numbers right-aligned."""
+    lines = ["| " + " | ".join(_cell(h) for h in header) + " |",
+             "|" + "|".join([" --- "] * text_columns + [" ---: "] * (len(header) - text_columns)) + "|"]
+    lines += ["| " + " | ".join(_cell(v) for v in row) + " |" for row in body]
+    return lines + [""]
+
+
+def _stat_table(columns: Sequence[str], stats: dict[str, dict[str, Stat | None]],
+                strategies: Sequence[str], total_seeds: int) -> list[str]:
+    """Rows = strategies, one column per key of `columns`, best per column in bold."""
+    best = {col: _best({s: stats[s][col] for s in strategies}) for col in columns}
+    body = []
+    for s in strategies:
+        cells = [_pct(stats[s][col], total_seeds) for col in columns]
+        body.append([s] + [f"**{v}**" if s in best[col] else v for v, col in zip(cells, columns)])
+    return _table(["Strategy"] + list(columns), body)
+
+
+def _choices(counts: Counter[str]) -> str:
+    total = sum(counts.values())
+    ordered = sorted(counts.items(), key=lambda item: (-item[1], _strategy_key(item[0])))
+    return ", ".join(f"{name} ({n}/{total})" for name, n in ordered)
+
+
+def _metric_section(summary: Summary, metric: str, title: str) -> list[str]:
+    lines = [f"## {title}", "", "### All categories", ""]
+    shots = summary.shots
+    active = [s for s in summary.strategies if any((metric, s, k) in summary.overall for k in shots)]
+    stats = {s: {f"{k}-shot": summary.overall.get((metric, s, k)) for k in shots} for s in active}
+    lines += _stat_table([f"{k}-shot" for k in shots], stats, active, len(summary.all_seeds))
+    for k in shots:
+        cats = summary.categories[k]
+        present = [s for s in summary.strategies if (metric, s, k) in summary.overall]
+        stats = {s: {c: summary.per_category.get((metric, s, k, c)) for c in cats} for s in present}
+        for s in present:
+            stats[s]["mean"] = summary.overall[(metric, s, k)]
+        lines += [f"### {k}-shot", ""]
+        lines += _stat_table(list(cats) + ["mean"], stats, present, len(summary.seeds[k]))
+    return lines
+
+
+def _paper_section(summary: Summary, baseline: str, applied: str) -> list[str]:
+    baseline_name = f"`{baseline}` (PatchCore)" if baseline == "texture" else f"`{baseline}`"
+    lines = [f"## astfad (`{applied}`) vs baseline {baseline_name}", "",
+             f"The seed paper's table form. astfad = strategy `{applied}`; Applied Strategy lists what "
+             "it applied over the seeds; values are means over seeds in percent; the Mean row is "
+             "computed as the all-category values above.", ""]
+    header = ["Category", "Applied Strategy", "Image AUROC (astfad)", "Baseline Image AUROC",
+              "Pixel AUROC (astfad)", "Baseline Pixel AUROC"]
+    for k in summary.shots:
+        lines += [f"### {k}-shot", ""]
+        absent = [s for s in (applied, baseline) if (("image_auroc", s, k) not in summary.overall)]
+        if absent:
+            lines += [f"Skipped: no results for {', '.join(f'`{s}`' for s in absent)} at {k} shots.", ""]
+            continue
+        n_seeds = len(summary.seeds[k])
+        body = []
+        for c in summary.categories[k]:
+            body.append([c, _choices(summary.applied.get((applied, k, c), Counter())) or _NO_VALUE]
+                        + [_pct(summary.per_category.get((m, s, k, c)), n_seeds, with_std=False)
+                           for m in ("image_auroc", "pixel_auroc") for s in (applied, baseline)])
+        total = sum((summary.applied.get((applied, k, c), Counter()) for c in summary.categories[k]),
+                    Counter())
+        body.append(["**Mean**", _choices(total)]
+                    + [_pct(summary.overall[(m, s, k)], n_seeds, with_std=False)
+                       for m in ("image_auroc", "pixel_auroc") for s in (applied, baseline)])
+        lines += _table(header, body, text_columns=2)
+    return lines
+
+
+def _timing_section(summary: Summary) -> list[str]:
+    shots = summary.shots
+    header = ["Strategy"] + [f"Fit s ({k}-shot)" for k in shots] + [f"Predict ms/image ({k}-shot)" for k in shots]
+    body = []
+    for s in summary.strategies:
+        times = [summary.timing.get((s, k), (math.nan, math.nan)) for k in shots]
+        body.append([s] + [_NO_VALUE if math.isnan(t[0]) else f"{t[0]:.2f}" for t in times]
+                    + [_NO_VALUE if math.isnan(t[1]) else f"{1000 * t[1]:.1f}" for t in times])
+    return ["## Timing", "",
+            "Mean over all cells (categories and seeds) of the times the benchmark recorded.", ""] \
+        + _table(header, body)
+
+
+def write_summary(rows: Iterable[Mapping[str, Any]], out_dir: Path, baseline: str = "texture",
+                  applied: str = "auto") -> Path:
+    """Write `out_dir/summary.md`: per-metric tables, the paper-style `applied` vs `baseline`
+    table per shot count, and timings. Returns the file's path."""
+    summary = summarise(rows)
+    seeds = summary.all_seeds
+    lines = [
+        "# astfad benchmark summary", "",
+        f"{len(summary.all_categories)} categories ({', '.join(summary.all_categories)}); "
+        f"shot counts {', '.join(map(str, summary.shots))}; {len(seeds)} seeds "
+        f"({', '.join(map(str, seeds))}); {len(summary.strategies)} strategies.", "",
+        "How to read: values are percentages. A category cell is the mean ± standard deviation over "
+        "seeds (sample std, ddof=1; no ± with one seed) of that category's metric. The `mean` column "
+        "and the all-category tables take, for each seed, the mean over categories (categories whose "
+        "metric is undefined, NaN, are skipped), then the mean ± std of these per-seed means over "
+        "seeds; a seed counts only where the strategy has a result for every category of that shot "
+        "count. `(n=2)` marks a value over fewer seeds than the run has; `–` means no value. Bold: the "
+        "best value of a column (ties at the shown precision all bold); `oracle` picks with test "
+        "labels, so it is an upper bound and never bold.", "",
+    ]
+    for metric, title in _TABLE_METRICS.items():
+        lines += _metric_section(summary, metric, title)
+    lines += _paper_section(summary, baseline, applied)
+    lines += _timing_section(summary)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "summary.md"
+    path.write_text("\n".join(lines), encoding="utf-8")
+    return path
+
+
+# ----------------------------------------------------------------------------- plots
+
+def _colours(strategies: Sequence[str]) -> dict[str, Any]:
+    """One colour per strategy, the same in every figure."""
+    palette = colormaps["tab10" if len(strategies) <= 10 else "tab20"].colors
+    return {s: palette[i % len(palette)] for i, s in enumerate(strategies)}
+
+
+def _legend_below(fig: Figure, handles: list, labels: list[str]) -> None:
+    fig.legend(handles, labels, loc="outside lower center", ncol=min(len(labels), 5), frameon=False)
+
+
+def plot_results(rows: Iterable[Mapping[str, Any]], out_dir: Path) -> list[Path]:
+    """Write `auroc_vs_shots.png` (image and pixel AUROC over categories vs shots, error bars =
+    std over seeds) and `per_category_<k>shot.png` (image AUROC per category for the largest shot
+    count). Values in percent; returns the paths."""
+    summary = summarise(rows)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    colours = _colours(summary.strategies)
+    shots = summary.shots
+
+    fig = Figure(figsize=(11, 5), dpi=_DPI, layout="constrained")
+    axes = fig.subplots(1, 2, sharey=False)
+    handles: dict[str, Any] = {}
+    for ax, metric, title in zip(axes, ("image_auroc", "pixel_auroc"), ("Image AUROC", "Pixel AUROC")):
+        for i, s in enumerate(summary.strategies):
+            points = [(k, summary.overall[(metric, s, k)]) for k in shots
+                      if (metric, s, k) in summary.overall and summary.overall[(metric, s, k)].n]
+            if not points:
+                continue
+            dodge = 2 ** (0.025 * (i - (len(summary.strategies) - 1) / 2))  # keeps error bars apart
+            handles[s] = ax.errorbar(
+                [k * dodge for k, _ in points], [100 * st.mean for _, st in points],
+                yerr=[0.0 if math.isnan(st.std) else 100 * st.std for _, st in points],
+                color=colours[s], marker="o", capsize=3, linestyle="--" if s == "oracle" else "-")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(shots, [str(k) for k in shots])
+        ax.xaxis.set_minor_locator(NullLocator())
+        ax.set_xlim(min(shots) / 1.4, max(shots) * 1.4)
+        ax.set_xlabel("shots (normal images)")
+        ax.set_ylabel(f"{title} (%)")
+        ax.set_title(f"{title}, mean over categories")
+        ax.grid(alpha=0.3)
+    ordered = [s for s in summary.strategies if s in handles]
+    _legend_below(fig, [handles[s] for s in ordered], ordered)
+    curve_path = out_dir / "auroc_vs_shots.png"
+    fig.savefig(curve_path, dpi=_DPI)
+
+    k = max(shots)
+    groups = list(summary.categories[k]) + ["mean"]
+    present = [s for s in summary.strategies if ("image_auroc", s, k) in summary.overall]
+    width = 0.8 / len(present)
+    fig = Figure(figsize=(min(24.0, max(8.0, 0.22 * len(groups) * len(present) + 2)), 5.5),
+                 dpi=_DPI, layout="constrained")
+    ax = fig.subplots()
+    values_seen = []
+    bars = []
+    for i, s in enumerate(present):
+        stats = [summary.per_category.get(("image_auroc", s, k, c)) for c in groups[:-1]]
+        stats.append(summary.overall[("image_auroc", s, k)])
+        means = [100 * st.mean if st and st.n else math.nan for st in stats]
+        errors = [100 * st.std if st and st.n > 1 else 0.0 for st in stats]
+        values_seen += [m for m in means if math.isfinite(m)]
+        x = np.arange(len(groups)) + (i - (len(present) - 1) / 2) * width
+        bars.append(ax.bar(x, means, width, yerr=errors, color=colours[s], capsize=2,
+                           error_kw={"linewidth": 0.8}, hatch="//" if s == "oracle" else None))
+    low = min(values_seen, default=50.0)
+    ax.set_ylim(min(50.0, 10 * math.floor((low - 2) / 10)), 100.5)  # 50 = chance level
+    ax.set_xticks(np.arange(len(groups)), groups, rotation=30, ha="right")
+    ax.set_ylabel("Image AUROC (%)")
+    ax.set_title(f"Image AUROC per category, {k}-shot (mean over {len(summary.seeds[k])} seeds, "
+                 "error bars = std)")
+    ax.grid(axis="y", alpha=0.3)
+    _legend_below(fig, bars, present)
+    bar_path = out_dir / f"per_category_{k}shot.png"
+    fig.savefig(bar_path, dpi=_DPI)
+    return [curve_path, bar_path]

@@ -1,0 +1,156 @@
+"""Pictures of anomaly maps: comparison panels (one column per strategy), heat-map overlays for
+`astfad predict`, and binary mask PNGs.
+
+Maps are resized to the image with the library's own bilinear upsampling (`scoring.to_image_size`),
+so what is drawn is what `predict` returns. Panels share one colour scale across strategies on
+purpose: maps are only comparable by eye on the same scale. Everything is built on
+`matplotlib.figure.Figure`, never on pyplot, so no global figure state leaks or needs closing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import torch
+from matplotlib import colormaps
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import Normalize
+from matplotlib.figure import Figure
+from PIL import Image
+
+from astfad.scoring import to_image_size
+
+__all__ = ["comparison_panel", "overlay", "save_mask"]
+
+_CMAP = "jet"
+_ALPHA = 0.5
+_DPI = 120
+
+
+def _rgb(image: np.ndarray) -> np.ndarray:
+    """HxWx3 uint8 from uint8 or float ([0, 1], else [0, 255]) RGB, RGBA or grey images."""
+    image = np.asarray(image)
+    if image.ndim == 3 and image.shape[2] == 1:
+        image = image[..., 0]
+    if image.ndim == 2:
+        image = np.stack([image] * 3, axis=-1)
+    if image.ndim != 3 or image.shape[2] not in (3, 4):
+        raise ValueError(f"image must be HxW, HxWx3 or HxWx4, got shape {image.shape}")
+    image = image[..., :3]
+    if image.dtype == np.uint8:
+        return image
+    values = image.astype(np.float64)
+    if values.size and np.nanmax(values) <= 1.0:
+        values = values * 255.0
+    return np.clip(np.nan_to_num(values), 0, 255).round().astype(np.uint8)
+
+
+def _resized(anomaly_map: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """An (h, w) map at (height, width), bilinear like the detector's own upsampling."""
+    values = np.asarray(anomaly_map, dtype=np.float32).squeeze()
+    if values.ndim != 2:
+        raise ValueError(f"an anomaly map must be 2-D, got shape {np.shape(anomaly_map)}")
+    if values.shape == size:
+        return values
+    return to_image_size(torch.from_numpy(values), size).numpy()
+
+
+def _binary(mask: np.ndarray) -> np.ndarray:
+    """A bool mask from bool, 0/1 or 0/255 values; anything else is refused rather than guessed."""
+    mask = np.asarray(mask).squeeze()
+    if mask.ndim != 2:
+        raise ValueError(f"a mask must be 2-D, got shape {np.shape(mask)}")
+    if mask.dtype == bool:
+        return mask
+    values = set(np.unique(mask).tolist())
+    if values <= {0, 1}:
+        return mask == 1
+    if values <= {0, 255}:
+        return mask == 255
+    raise ValueError(f"a mask must be binary (bool, 0/1 or 0/255), found values {sorted(values)[:5]}...")
+
+
+def overlay(image: np.ndarray, anomaly_map: np.ndarray, vmin: float, vmax: float) -> np.ndarray:
+    """HxWx3 uint8: the image blended half and half with the map coloured by the jet colormap on
+    the fixed scale [vmin, vmax] (fixed so that images are comparable; values outside are clipped).
+    """
+    if not vmax > vmin:
+        raise ValueError(f"overlay needs vmax > vmin, got vmin={vmin}, vmax={vmax}")
+    rgb = _rgb(image)
+    values = _resized(anomaly_map, rgb.shape[:2])
+    scaled = np.clip(np.nan_to_num((values - vmin) / (vmax - vmin), nan=0.0), 0.0, 1.0)
+    heat = colormaps[_CMAP](scaled)[..., :3] * 255.0
+    return ((1 - _ALPHA) * rgb + _ALPHA * heat).round().astype(np.uint8)
+
+
+def save_mask(mask: np.ndarray, path: Path) -> None:
+    """Write a binary mask as an 8-bit PNG with values 0 and 255 (the MVTec convention)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(_binary(mask).astype(np.uint8) * 255).save(path, format="PNG")
+
+
+def comparison_panel(image: np.ndarray, maps: Mapping[str, np.ndarray], truth: np.ndarray | None = None,
+                     title: str = "", path: Path | None = None, vmin: float | None = None,
+                     vmax: float | None = None, threshold: float | None = None,
+                     subtitles: Mapping[str, str] | None = None) -> Figure:
+    """One row: image | ground truth (only when `truth` is given) | one heat-map overlay per map,
+    in the dict's order, on ONE colour scale with one colourbar.
+
+    The scale is [vmin, vmax] when given, else the min/max over all maps. `subtitles[name]`
+    (e.g. a score) goes under a column's name. `threshold` draws a dashed contour on each map and
+    a dashed line on the colourbar. Saved as PNG when `path` is given. The figure's axes are the
+    image columns followed by the colourbar's.
+    """
+    if not maps:
+        raise ValueError("comparison_panel needs at least one anomaly map")
+    rgb = _rgb(image)
+    size = rgb.shape[:2]
+    resized = {name: _resized(m, size) for name, m in maps.items()}
+    finite = np.concatenate([m[np.isfinite(m)] for m in resized.values()])
+    if finite.size == 0:
+        finite = np.zeros(1)
+    norm = Normalize(vmin=float(finite.min()) if vmin is None else vmin,
+                     vmax=float(finite.max()) if vmax is None else vmax)
+
+    columns = 1 + (truth is not None) + len(resized)
+    aspect = size[1] / size[0]
+    column_width = min(2.6 * aspect, 4.0)  # 2.6 in tall images, unless very wide ones would be huge
+    fig = Figure(figsize=(0.9 + columns * max(column_width, 1.6), column_width / aspect + 1.0),
+                 dpi=_DPI, layout="constrained")
+    axes = fig.subplots(1, columns, squeeze=False)[0]
+    for ax in axes:
+        ax.set_axis_off()
+    axes[0].imshow(rgb)
+    axes[0].set_title("image")
+    column = 1
+    if truth is not None:
+        mask = np.asarray(Image.fromarray(_binary(truth).astype(np.uint8) * 255)
+                          .resize((size[1], size[0]), Image.NEAREST)) > 0
+        tint = np.zeros((*size, 4))
+        tint[mask] = (1.0, 0.0, 0.0, 0.35)
+        axes[1].imshow(rgb)
+        axes[1].imshow(tint)
+        if mask.any():
+            axes[1].contour(mask.astype(float), levels=[0.5], colors="red", linewidths=1.2)
+        axes[1].set_title("ground truth" if mask.any() else "ground truth (normal)")
+        column = 2
+    for ax, (name, values) in zip(axes[column:], resized.items()):
+        ax.imshow(rgb)
+        ax.imshow(values, cmap=_CMAP, norm=norm, alpha=_ALPHA)
+        if threshold is not None and np.nanmin(values) < threshold < np.nanmax(values):
+            ax.contour(values, levels=[threshold], colors="white", linewidths=1.0, linestyles="--")
+        ax.set_title(name if not subtitles or name not in subtitles else f"{name}\n{subtitles[name]}")
+    # An opaque colourbar of the shared scale (the overlays themselves are half transparent).
+    colourbar = fig.colorbar(ScalarMappable(norm=norm, cmap=_CMAP), ax=list(axes[column:]), shrink=0.85, label="anomaly score")
+    if threshold is not None:
+        colourbar.ax.axhline(threshold, color="black", linestyle="--", linewidth=1.0)
+    if title:
+        fig.suptitle(title)
+    if path is not None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=_DPI)
+    return fig

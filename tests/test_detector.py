@@ -55,6 +55,15 @@ def test_auto_selects_with_a_report(fake_backbones, parts):
     assert image_auroc(parts["labels"], [p.score for p in det.predict(parts["test"])]) >= 0.9
 
 
+def test_auto_validates_the_adapter_only_on_held_out_shots(fake_backbones, parts):
+    single = Detector("auto", **FAST).fit(parts["train"][:1])
+    assert "semantic_adapter" not in single.selection["scores"]
+    assert any("one shot" in note for note in single.selection["validation"]["notes"])
+    several = Detector("auto", **FAST).fit(parts["train"][:4])
+    assert "semantic_adapter" in several.selection["scores"]
+    assert any("other half" in note for note in several.selection["validation"]["notes"])
+
+
 def test_fit_is_deterministic(fake_backbones, parts):
     a = [p.score for p in Detector("semantic_adapter", **FAST).fit(parts["train"]).predict(parts["test"])]
     b = [p.score for p in Detector("semantic_adapter", **FAST).fit(parts["train"]).predict(parts["test"])]

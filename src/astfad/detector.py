@@ -17,7 +17,8 @@ import os
 import statistics
 import tempfile
 import time
-from collections.abc import Sequence
+import zlib
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,7 @@ from astfad.backbones import load_backbone
 from astfad.config import DetectorConfig, experts_of, grid_for, parse_strategy
 from astfad.data.images import load_image
 from astfad.data.views import random_view, rotate
-from astfad.experts.adapter import AdaptedSemanticExpert, align_view, flip_views, train_adapter
+from astfad.experts.adapter import Adapter, AdaptedSemanticExpert, align_view, flip_views, train_adapter
 from astfad.experts.base import KNNExpert, flatten_patches
 from astfad.experts.semantic import SemanticExpert
 from astfad.experts.texture import TextureExpert
@@ -181,7 +182,7 @@ class Detector:
             expert.fit(refs, ref_owners)
             self.experts["semantic"] = expert
             if "semantic_adapter" in needed:
-                adapter = self._train_adapter(arrays, keys, feats["semantic"])
+                adapter, self.adapter_stats = self._train_adapter(arrays, keys, feats["semantic"])
                 adapted = AdaptedSemanticExpert(adapter, cfg.mask_background, cfg.seed)
                 adapted.fit(refs, ref_owners)
                 self.experts["semantic_adapter"] = adapted
@@ -191,7 +192,9 @@ class Detector:
         self.normalisers = {name: Normaliser.fit(m, cfg.normaliser) for name, m in normal_maps.items()}
         if parse_strategy(cfg.strategy)[0] == "auto":
             from astfad.selection import select_strategy
-            report = select_strategy(self, bases, normal_maps)
+            held_out = self._held_out_adapter_maps(arrays, keys, feats["semantic"], refs, ref_owners) \
+                if len(arrays) >= 2 else None
+            report = select_strategy(self, bases, normal_maps, held_out)
             self.selection = report.to_dict()
             self.strategy = report.choice
         else:
@@ -220,11 +223,13 @@ class Detector:
         return torch.cat([feats, rotated]), torch.cat([owners, torch.tensor(extra_owners)])
 
     def _train_adapter(self, arrays: list[np.ndarray], keys: Sequence[str | None],
-                       feats: torch.Tensor):
+                       feats: torch.Tensor) -> tuple[Adapter, dict[str, float]]:
+        """An adapter trained on these shots' flip-and-jitter views; each image's views depend
+        only on the seed and the image, so cached view features stay valid for any subset."""
         cfg = self.config
-        rng = np.random.default_rng(cfg.seed)
         views, view_keys, flips, sources = [], [], [], []
         for i, (image, key) in enumerate(zip(arrays, keys)):
+            rng = np.random.default_rng([cfg.seed, zlib.crc32(key.encode()) if key is not None else i])
             for j, (view, dims) in enumerate(flip_views(image, rng, cfg.adapter_views)):
                 views.append(view)
                 view_keys.append(f"{key}#adapterview{cfg.seed}.{j}" if key is not None else None)
@@ -233,9 +238,35 @@ class Detector:
         view_feats = self.features("semantic", views, view_keys)
         aligned = torch.stack([align_view(f, d) for f, d in zip(view_feats, flips)])
         anchors = flatten_patches(feats[torch.tensor(sources)])
-        adapter, self.adapter_stats = train_adapter(anchors, flatten_patches(aligned), cfg.adapter_hidden,
-                                                    cfg.adapter_steps, cfg.adapter_lr, cfg.seed)
-        return adapter
+        return train_adapter(anchors, flatten_patches(aligned), cfg.adapter_hidden,
+                             cfg.adapter_steps, cfg.adapter_lr, cfg.seed)
+
+    def _held_out_adapter_maps(self, arrays: list[np.ndarray], keys: Sequence[str | None],
+                               feats: torch.Tensor, refs: torch.Tensor, ref_owners: torch.Tensor
+                               ) -> Callable[[torch.Tensor, Sequence[int | None]], torch.Tensor]:
+        """semantic_adapter maps for validation that no adapter saw: two adapters, each trained on
+        half of the shots (even / odd positions), and every validation image scored by the one
+        that was not trained on its source shot. The fitted adapter saw every shot, so validating
+        it directly would flatter it."""
+        cfg, n = self.config, len(arrays)
+        experts = []
+        for parity in (0, 1):
+            train = [i for i in range(n) if i % 2 != parity]
+            adapter, _ = self._train_adapter([arrays[i] for i in train], [keys[i] for i in train], feats[train])
+            expert = AdaptedSemanticExpert(adapter, cfg.mask_background, cfg.seed)
+            expert.fit(refs, ref_owners)
+            experts.append(expert)
+
+        def maps(semantic_feats: torch.Tensor, exclude: Sequence[int | None]) -> torch.Tensor:
+            out = torch.empty(semantic_feats.shape[0], *self.eval_grid())
+            for parity, expert in enumerate(experts):
+                rows = [i for i, e in enumerate(exclude) if e % 2 == parity]
+                if rows:
+                    raw = expert.distances(semantic_feats[rows], [exclude[i] for i in rows])
+                    out[rows] = to_eval_grid(raw, self.eval_grid(), cfg.blur_sigma)
+            return out
+
+        return maps
 
     def _move_banks(self) -> None:
         if self.device.type != "cpu":

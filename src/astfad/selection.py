@@ -13,6 +13,7 @@ tied, the tie going to the cheapest (the order of CANDIDATES is the cost order).
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -67,6 +68,7 @@ class SelectionReport:
         v = self.validation
         lines.append(f"validation: {v.get('normal', 0)} normal, {v.get('anomalous', 0)} synthetic anomalies "
                      f"({', '.join(v.get('kinds', []))})")
+        lines += [f"note: {note}" for note in v.get("notes", [])]
         lines.append(f"choice: {self.choice} ({self.reason})")
         return "\n".join(lines)
 
@@ -96,13 +98,27 @@ def _masks_to_grid(masks: list[np.ndarray], grid: tuple[int, int]) -> np.ndarray
 
 def select_strategy(detector: "Detector", bases: "ValidationBases",
                     normal_maps: dict[str, torch.Tensor],
+                    held_out_adapter: Callable[[torch.Tensor, Sequence[int | None]], torch.Tensor] | None,
                     candidates: tuple[str, ...] = CANDIDATES) -> SelectionReport:
-    """Score every candidate on the synthetic validation set and choose (see module doc)."""
+    """Score every candidate on the synthetic validation set and choose (see module doc).
+
+    `held_out_adapter` gives semantic_adapter maps from adapters that did not see the validated
+    shot; without it (a single shot) semantic_adapter cannot be validated fairly and is left out.
+    """
     cfg = detector.config
+    notes = []
+    if held_out_adapter is None and "semantic_adapter" in candidates:
+        candidates = tuple(c for c in candidates if c != "semantic_adapter")
+        notes.append("semantic_adapter not a candidate: with one shot nothing is left to validate "
+                     "its adapter on")
     count = max(MIN_ANOMALIES, len(bases.images))
     images, masks, exclude, kinds = synthetic_validation(bases, cfg.seed + 2, count)
     feats = {family: detector.features(family, images) for family in bases.features}
     anomalous_maps = detector.expert_maps(feats, exclude)
+    if held_out_adapter is not None and "semantic_adapter" in candidates:
+        normal_maps = {**normal_maps, "semantic_adapter": held_out_adapter(bases.features["semantic"], bases.exclude)}
+        anomalous_maps["semantic_adapter"] = held_out_adapter(feats["semantic"], exclude)
+        notes.append("semantic_adapter validated with adapters trained on the other half of the shots")
     grid = detector.eval_grid()
     true_masks = np.concatenate([np.zeros((len(bases.images), *grid), bool), _masks_to_grid(masks, grid)])
     labels = np.r_[np.zeros(len(bases.images)), np.ones(len(images))]
@@ -125,7 +141,7 @@ def select_strategy(detector: "Detector", bases: "ValidationBases",
         reason = (f"within {TIE_TOLERANCE} of the best ({best:.3f}) and cheaper: "
                   f"{scores[choice]['score']:.3f}")
     validation = {"normal": len(bases.images), "anomalous": len(images), "kinds": sorted(set(kinds)),
-                  "leave_one_out": any(e is not None for e in bases.exclude)}
+                  "leave_one_out": any(e is not None for e in bases.exclude), "notes": notes}
     return SelectionReport(choice, reason, scores, validation)
 
 

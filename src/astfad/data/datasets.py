@@ -371,12 +371,38 @@ def scan_dataset(root: str | Path, layout: str = "auto",
         raise ValueError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
     root = _require_dir(root)
     if layout == "auto":
-        layout = detect_layout(root)
+        try:
+            layout = detect_layout(root)
+        except ValueError:
+            found = _scan_collection(root, categories)
+            if found is None:
+                raise
+            return found
     if layout == "visa":
         return scan_visa(root, categories)
     if layout == "mvtec":
         return scan_mvtec(root, categories)
     return _folder_layout(root, categories)
+
+
+def _scan_collection(root: Path, categories: Sequence[str] | None) -> list[Category] | None:
+    """A folder of dataset roots (e.g. `data/bsdata`, `data/magnetic_tile`): every subfolder with a
+    detectable layout, scanned in turn; None when no subfolder is a dataset."""
+    found: list[Category] = []
+    for sub in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        try:
+            found += scan_dataset(sub, "auto")
+        except ValueError:
+            continue
+    if not found:
+        return None
+    names = [c.name for c in found]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ValueError(f"'{root}' holds several datasets with categories named {', '.join(duplicates)}; "
+                         "point at one dataset root")
+    chosen = _select(names, categories, f"'{root}'")
+    return [c for c in found if c.name in chosen]
 
 
 def format_scan(categories: Sequence[Category]) -> str:

@@ -24,6 +24,7 @@ from astfad.experts.semantic import SemanticExpert
 
 PROTOTYPES = 32
 KEEP_SPREAD = 0.8
+COMPACTNESS_WEIGHT = 1.0
 IDENTITY_WEIGHT = 0.1
 BATCH_PATCHES = 2048
 
@@ -113,7 +114,7 @@ def train_adapter(anchors: torch.Tensor, positives: torch.Tensor, hidden: int = 
         compactness = (1 - nearest).mean()
         collapse = F.relu(KEEP_SPREAD * input_std - a.std(dim=0)).mean() / input_std.mean()
         identity = (a - anchors[batch]).pow(2).sum(1).mean()
-        loss = consistency + compactness + collapse + IDENTITY_WEIGHT * identity
+        loss = consistency + COMPACTNESS_WEIGHT * compactness + collapse + IDENTITY_WEIGHT * identity
         optimiser.zero_grad()
         loss.backward()
         optimiser.step()

@@ -58,6 +58,19 @@ def test_fit_predict_round_trip(fake_backbones, folders, tmp_path):
     assert rerun.exit_code == 2 and "predictions.csv" in rerun.output
 
 
+def test_fit_with_a_pinned_map(fake_backbones, folders, tmp_path):
+    train, _ = folders
+    (tmp_path / "map.yaml").write_text("widget: fusion_max\n")
+    model = tmp_path / "m.safetensors"
+    result = CliRunner().invoke(main, ["fit", "--train", str(train), "--out", str(model), "--pinned",
+                                       str(tmp_path / "map.yaml"), "--category", "widget", *FAST])
+    assert result.exit_code == 0, result.output
+    assert Detector.load(model).strategy == "fusion_max"
+    result = CliRunner().invoke(main, ["fit", "--train", str(train), "--out", str(tmp_path / "n"),
+                                       "--pinned", "paper", *FAST])
+    assert result.exit_code == 2 and "--category" in result.output
+
+
 def test_select_and_visualize(fake_backbones, folders, tmp_path):
     train, test = folders
     runner = CliRunner()

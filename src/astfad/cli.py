@@ -123,13 +123,21 @@ def _with_train_options(func):
                    "fusion_weighted_sum:<alpha> | auto")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Model file to write.")
 @click.option("--force", is_flag=True, help="Replace an existing model file.")
+@click.option("--pinned", default=None,
+              help="Strategy map (YAML/JSON file, or the preset 'paper'): the --category's entry wins over --strategy.")
+@click.option("--category", default=None, help="The product category, looked up in --pinned.")
 def fit(train: tuple[str, ...], shots: int | None, seed: int, sampling: str, settings: tuple[str, ...],
-        strategy: str, out: Path, force: bool) -> None:
+        strategy: str, out: Path, force: bool, pinned: str | None, category: str | None) -> None:
     """Fit a detector on normal images and save it."""
     from astfad.detector import Detector
-    from astfad.selection import SelectionReport
+    from astfad.selection import SelectionReport, load_pinned, pinned_strategy
 
     config = _parse_settings(settings)
+    if pinned is not None:
+        if category is None:
+            raise click.BadParameter("--pinned needs --category", param_hint="--category")
+        strategy = pinned_strategy(category, load_pinned(pinned)) or strategy
+        click.echo(f"category '{category}': strategy {strategy} (from {pinned})")
     if out.exists() and not force:
         raise FileExistsError(f"'{out}' exists; choose another --out or pass --force")
     paths = _shots(train, shots, seed, sampling)

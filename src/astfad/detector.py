@@ -162,6 +162,7 @@ class Detector:
             raise ValueError("fit needs at least one normal image")
         keys = list(keys) if keys is not None else auto_keys
         cfg = self.config
+        self.experts, self.normalisers, self.selection, self.adapter_stats = {}, {}, None, {}
         self.shots = [k if k is not None else f"<array {i}>" for i, k in enumerate(keys)]
         self.aspect = cfg.aspect_ratio or statistics.median(a.shape[1] / a.shape[0] for a in arrays)
         torch.manual_seed(cfg.seed)

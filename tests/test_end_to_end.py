@@ -1,6 +1,5 @@
 """End to end with the real offline backbones: generated data always, ../shared/data when present."""
 
-import numpy as np
 import pytest
 from click.testing import CliRunner
 

@@ -40,7 +40,7 @@ def test_synthetic_validation_cycles_kinds_and_keeps_exclusions():
     anomalous, masks, exclude, kinds = synthetic_validation(bases, seed=0, count=8)
     assert len(anomalous) == 8 and exclude == [0, 1, 2, 0, 1, 2, 0, 1]
     assert len(set(kinds)) == 5  # every anomaly kind is used
-    for image, mask, base in zip(anomalous, masks, [0, 1, 2] * 3):
+    for image, mask, base in zip(anomalous, masks, exclude, strict=True):
         assert mask.any() and not mask.all()
         changed = (image != images[base]).any(axis=2)
         assert not changed[~mask].any()

@@ -31,7 +31,7 @@ from astfad.detector import Detector
 from astfad.metrics import evaluate
 from astfad.report import RESULT_COLUMNS, append_row, plot_results, read_results, write_summary
 from astfad.selection import load_pinned, pinned_strategy
-from astfad.visualize import comparison_panel
+from astfad.visualize import zscore_panel
 
 FIXED_STRATEGIES = ("texture", "semantic", "semantic_adapter", "fusion_add", "fusion_mul", "fusion_max",
                     "fusion_weighted_sum:0.3", "fusion_weighted_sum:0.5", "fusion_weighted_sum:0.7")
@@ -270,14 +270,13 @@ class Benchmark:
         folder = self.out / "panels" / category.name
         for defect, indices in sorted(by_type.items()):
             for i in indices[: self.spec.panels_per_type]:
-                maps = {name: det.normalisers[name].standardise(expert_maps[name][i]).numpy()
-                        for name in PANEL_EXPERTS if name in expert_maps}
-                maps[f"applied: {det.strategy}"] = det.normalisers["applied"].standardise(applied_map[i]).numpy()
+                maps = det.display_maps({n: expert_maps[n][i] for n in PANEL_EXPERTS if n in expert_maps},
+                                        applied_map[i])
                 truth = tests.masks[i] if tests.labels[i] else None
                 title = (f"{category.name} / {defect} / {tests.samples[i].path.name}  "
                          f"score {float(scores[i]):.3g} (threshold {det.threshold:.3g})")
-                comparison_panel(tests.images[i], maps, truth, title, folder / f"{defect}_{tests.samples[i].path.stem}.png",
-                                 vmin=0.0, vmax=max(3.0, float(np.nanpercentile(np.stack(list(maps.values())), 99.5))))
+                zscore_panel(tests.images[i], {k: v.numpy() for k, v in maps.items()}, truth, title,
+                             folder / f"{defect}_{tests.samples[i].path.stem}.png")
 
 
 def oracle_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import click
-import numpy as np
 
 from astfad import __version__
 
@@ -250,8 +249,7 @@ def visualize(model: Path, images: tuple[str, ...], out: Path, masks: Path | Non
     """Comparison panels: image | truth | texture | semantic | semantic_adapter | applied."""
     from astfad.data.images import ImageLoadError, list_images, load_image, load_mask
     from astfad.detector import Detector
-    from astfad.scoring import to_image_size
-    from astfad.visualize import comparison_panel
+    from astfad.visualize import zscore_panel
 
     det = Detector.load(model)
     out.mkdir(parents=True, exist_ok=True)
@@ -268,14 +266,12 @@ def visualize(model: Path, images: tuple[str, ...], out: Path, masks: Path | Non
         expert_maps = det.expert_maps(feats)
         applied = det.combine(det.strategy, expert_maps)
         score = float(det.scores(det.strategy, applied, feats.get("texture"))[0])
-        maps = {name: det.normalisers[name].standardise(m[0]) for name, m in expert_maps.items()}
-        maps[f"applied: {det.strategy}"] = det.normalisers["applied"].standardise(applied[0])
-        maps = {k: to_image_size(v, image.shape[:2]).numpy() for k, v in maps.items()}
+        maps = det.display_maps({n: m[0] for n, m in expert_maps.items()}, applied[0])
         verdict = "anomalous" if score > det.threshold else "normal"
         name = _unique_name(path.stem, used)
-        vmax = max(3.0, float(np.percentile(np.stack(list(maps.values())), 99.5)))
-        comparison_panel(image, maps, truth, f"{path.name}: score {score:.3g} ({verdict}, threshold "
-                         f"{det.threshold:.3g})", out / f"{name}.png", vmin=0.0, vmax=vmax)
+        zscore_panel(image, {k: v.numpy() for k, v in maps.items()}, truth,
+                     f"{path.name}: score {score:.3g} ({verdict}, threshold {det.threshold:.3g})",
+                     out / f"{name}.png")
         click.echo(f"{path} -> {out / (name + '.png')}")
 
 

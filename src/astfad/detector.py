@@ -324,6 +324,13 @@ class Detector:
             return maps[rule]
         return fuse(strategy, maps["texture"], maps["semantic"], self.normalisers)
 
+    def display_maps(self, expert_maps: dict[str, torch.Tensor], applied: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Each expert's map and the applied strategy's map in z-units of their own normal
+        statistics, so that one colour scale is fair to every column of a panel."""
+        out = {name: self.normalisers[name].standardise(m) for name, m in expert_maps.items()}
+        out[f"applied: {self.strategy}"] = self.normalisers["applied"].standardise(applied)
+        return out
+
     def scores(self, strategy: str, maps: torch.Tensor, texture_feats: torch.Tensor | None = None,
                exclude: Sequence[int | None] | None = None) -> torch.Tensor:
         """Image scores with the configured rule (PatchCore's reweighting for `reweight`)."""

@@ -154,3 +154,11 @@ def comparison_panel(image: np.ndarray, maps: Mapping[str, np.ndarray], truth: n
         path.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(path, dpi=_DPI)
     return fig
+
+
+def zscore_panel(image: np.ndarray, maps: Mapping[str, np.ndarray], truth: np.ndarray | None,
+                 title: str, path: Path | None = None) -> Figure:
+    """A comparison panel of maps in z-units of their own normal statistics: the scale starts at
+    0 (normal on average) and reaches at least 3 (three normal standard deviations)."""
+    vmax = max(3.0, float(np.nanpercentile(np.stack([np.asarray(m) for m in maps.values()]), 99.5)))
+    return comparison_panel(image, maps, truth, title, path, vmin=0.0, vmax=vmax)

@@ -17,7 +17,7 @@ SMALL = dict(semantic_size=224, texture_size=224, adapter_steps=30)
 
 @pytest.fixture(scope="module")
 def synthetic(tmp_path_factory):
-    return generate_synthetic_dataset(tmp_path_factory.mktemp("synthetic"), categories=["grass", "washer"],
+    return generate_synthetic_dataset(tmp_path_factory.mktemp("synthetic"), categories=["brick", "washer"],
                                       n_train=8, n_test_good=4, n_test_per_defect=3, size=224)
 
 

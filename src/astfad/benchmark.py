@@ -15,13 +15,12 @@ import statistics
 import time
 import traceback
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from astfad.config import DetectorConfig, experts_of, grid_for, parse_strategy
@@ -30,6 +29,7 @@ from astfad.data.images import ImageLoadError, image_size, load_image, load_mask
 from astfad.detector import Detector
 from astfad.metrics import evaluate
 from astfad.report import RESULT_COLUMNS, append_row, plot_results, read_results, write_summary
+from astfad.scoring import mask_to_grid
 from astfad.selection import load_pinned, pinned_strategy
 from astfad.visualize import zscore_panel
 
@@ -114,8 +114,7 @@ def load_test_set(category: Category, grid: tuple[int, int], log: Callable[[str]
         samples.append(sample)
         images.append(image)
         valid.append(not sample.label or sample.mask_path is not None)
-        masks.append(F.interpolate(torch.from_numpy(mask.astype(np.float32))[None, None], size=grid,
-                                   mode="bilinear", align_corners=False)[0, 0].numpy() > 0.5)
+        masks.append(mask_to_grid(mask, grid))
     return TestSet(samples, images, [str(s.path.resolve()) for s in samples],
                    np.stack(masks) if masks else np.zeros((0, *grid), bool),
                    np.array([s.label for s in samples]), np.array(valid, bool), skipped)
@@ -306,7 +305,3 @@ def write_reports(out: Path, rows: list[dict[str, Any]]) -> list[Path]:
     """summary.md (with the oracle rows) and the plots."""
     everything = rows + oracle_rows(rows)
     return [write_summary(everything, out), *plot_results(everything, out)]
-
-
-def spec_dict(spec: BenchmarkSpec) -> dict[str, Any]:
-    return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(spec).items()}

@@ -78,6 +78,18 @@ def image_key(source: ImageInput) -> str | None:
     return None
 
 
+def as_list(images: Sequence[ImageInput] | ImageInput) -> list[ImageInput]:
+    """One image or a sequence of them, as a list."""
+    if isinstance(images, (str, os.PathLike, Image.Image, np.ndarray)):
+        return [images]
+    return list(images)
+
+
+def family_of(expert: str) -> str:
+    """The backbone family an expert reads: the CNN for texture, the ViT for the others."""
+    return "texture" if expert == "texture" else "semantic"
+
+
 def semantic_layers(config: DetectorConfig, num_blocks: int) -> tuple[int, ...]:
     if config.semantic_layers is not None:
         return config.semantic_layers
@@ -99,7 +111,6 @@ class Detector:
         self.experts: dict[str, KNNExpert] = {}
         self.normalisers: dict[str, Normaliser] = {}
         self.featurizers: dict[str, Featurizer] = {}
-        self.backbone_ids: dict[str, str] = {}
         self.aspect: float | None = None
         self.shots: list[str] = []
         self.strategy: str | None = None  # the applied strategy (auto's choice, or the given one)
@@ -129,7 +140,6 @@ class Detector:
                                                       self.device, 4, self.cache)
             else:
                 raise ValueError(f"unknown feature family '{family}'")
-            self.backbone_ids[family] = self.featurizers[family].backbone.backbone_id
         return self.featurizers[family]
 
     def features(self, family: str, images: Sequence[np.ndarray],
@@ -148,8 +158,7 @@ class Detector:
     @staticmethod
     def load_images(images: Sequence[ImageInput]) -> tuple[list[np.ndarray], list[str | None]]:
         """Decode every input (ImageLoadError names a bad file) and give each its cache key."""
-        if isinstance(images, (str, os.PathLike, Image.Image, np.ndarray)):
-            images = [images]
+        images = as_list(images)
         return [load_image(x) for x in images], [image_key(x) for x in images]
 
     def fit(self, images: Sequence[ImageInput], keys: Sequence[str | None] | None = None,
@@ -311,8 +320,7 @@ class Detector:
         grid, sigma = self.eval_grid(), self.config.blur_sigma
         out = {}
         for name in experts or self.experts:
-            family = "texture" if name == "texture" else "semantic"
-            out[name] = to_eval_grid(self.experts[name].distances(feats[family], exclude), grid, sigma)
+            out[name] = to_eval_grid(self.experts[name].distances(feats[family_of(name)], exclude), grid, sigma)
         return out
 
     def combine(self, strategy: str, maps: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -342,7 +350,7 @@ class Detector:
 
     def families(self, strategy: str | None = None) -> list[str]:
         names = experts_of(strategy or self.strategy) if strategy != "all" else tuple(self.experts)
-        return sorted({"texture" if n == "texture" else "semantic" for n in names})
+        return sorted({family_of(n) for n in names})
 
     def extract(self, arrays: Sequence[np.ndarray], keys: Sequence[str | None] | None = None,
                 strategy: str | None = None) -> dict[str, torch.Tensor]:
@@ -353,8 +361,7 @@ class Detector:
         """Score images; ImageLoadError (naming the file) for an unreadable one."""
         if self.strategy is None:
             raise RuntimeError("the detector is not fitted; call fit() or Detector.load()")
-        if isinstance(images, (str, os.PathLike, Image.Image, np.ndarray)):
-            images = [images]
+        images = as_list(images)
         out: list[Prediction] = []
         needed = experts_of(self.strategy)
         for start in range(0, len(images), batch_size):
@@ -374,7 +381,7 @@ class Detector:
     def metadata(self) -> dict[str, Any]:
         return {"format": FORMAT_VERSION, "astfad_version": __version__, "config": self.config.to_dict(),
                 "strategy": self.strategy, "aspect": self.aspect, "shots": self.shots,
-                "backbones": self.backbone_ids, "experts": sorted(self.experts),
+                "backbones": {f: z.backbone.backbone_id for f, z in self.featurizers.items()}, "experts": sorted(self.experts),
                 "normalisers": {k: v.to_list() for k, v in self.normalisers.items()},
                 "threshold": self.threshold, "pixel_threshold": self.pixel_threshold,
                 "selection": self.selection, "adapter_stats": self.adapter_stats,
@@ -423,8 +430,6 @@ class Detector:
         config = dict(meta["config"])
         if device is not None:
             config["device"] = device
-        config = {**config, "semantic_layers": config.get("semantic_layers"),
-                  "selection_weights": tuple(config.get("selection_weights", (0.5, 0.5)))}
         strategy = config.pop("strategy")
         detector = cls(strategy, cache=cache, **config)
         detector.strategy, detector.aspect, detector.shots = meta["strategy"], meta["aspect"], meta["shots"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -40,6 +41,14 @@ def image_scores(maps: torch.Tensor, rule: str = "top1") -> torch.Tensor:
         k = max(1, int(round(flat.shape[1] * 0.01)))
         return flat.topk(k, dim=1).values.mean(dim=1)
     raise ValueError(f"image score rule '{rule}' is not computed from maps")
+
+
+def mask_to_grid(mask: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
+    """A bool mask resized to the evaluation grid (bilinear, kept where over half covered), so
+    ground truth and maps are compared on the same grid."""
+    resized = F.interpolate(torch.from_numpy(mask.astype(np.float32))[None, None], size=grid,
+                            mode="bilinear", align_corners=False)[0, 0]
+    return resized.numpy() > 0.5
 
 
 def to_image_size(eval_map: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

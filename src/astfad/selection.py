@@ -20,11 +20,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from astfad.config import parse_strategy
 from astfad.data.synthetic import ANOMALY_KINDS, random_anomaly
 from astfad.metrics import image_auroc, pixel_auroc
+from astfad.scoring import mask_to_grid
 
 if TYPE_CHECKING:
     from astfad.detector import Detector, ValidationBases
@@ -90,12 +90,6 @@ def synthetic_validation(bases: "ValidationBases", seed: int, count: int
     return images, masks, exclude, used
 
 
-def _masks_to_grid(masks: list[np.ndarray], grid: tuple[int, int]) -> np.ndarray:
-    stacked = [F.interpolate(torch.from_numpy(m.astype(np.float32))[None, None], size=grid,
-                             mode="bilinear", align_corners=False)[0, 0] > 0.5 for m in masks]
-    return torch.stack(stacked).numpy()
-
-
 def select_strategy(detector: "Detector", bases: "ValidationBases",
                     normal_maps: dict[str, torch.Tensor],
                     held_out_adapter: Callable[[torch.Tensor, Sequence[int | None]], torch.Tensor] | None,
@@ -120,7 +114,7 @@ def select_strategy(detector: "Detector", bases: "ValidationBases",
         anomalous_maps["semantic_adapter"] = held_out_adapter(feats["semantic"], exclude)
         notes.append("semantic_adapter validated with adapters trained on the other half of the shots")
     grid = detector.eval_grid()
-    true_masks = np.concatenate([np.zeros((len(bases.images), *grid), bool), _masks_to_grid(masks, grid)])
+    true_masks = np.concatenate([np.zeros((len(bases.images), *grid), bool), np.stack([mask_to_grid(m, grid) for m in masks])])
     labels = np.r_[np.zeros(len(bases.images)), np.ones(len(images))]
     w_img, w_pix = cfg.selection_weights
     scores: dict[str, dict[str, float]] = {}

@@ -275,11 +275,11 @@ def visualize(model: Path, images: tuple[str, ...], out: Path, masks: Path | Non
         click.echo(f"{path} -> {out / (name + '.png')}")
 
 
-def _run_benchmark(spec, quiet: bool = False) -> Path:
+def _run_benchmark(spec) -> Path:
     from astfad.benchmark import Benchmark, write_reports
 
     start = time.perf_counter()
-    rows = Benchmark(spec, log=(lambda m: None) if quiet else click.echo).run()
+    rows = Benchmark(spec, log=click.echo).run()
     if not rows:
         raise ValueError(f"no finished cells in '{spec.out}'; see {spec.out / 'benchmark.log'}")
     paths = write_reports(spec.out, rows)

@@ -32,8 +32,7 @@ class Featurizer:
 
     def __init__(self, backbone: torch.nn.Module, size: int, multiple: int,
                  read: Callable[[torch.Tensor], torch.Tensor], identity: str,
-                 device: torch.device, batch_size: int, cache: FeatureCache | None = None,
-                 progress: Callable[[int], None] | None = None) -> None:
+                 device: torch.device, batch_size: int, cache: FeatureCache | None = None) -> None:
         self.backbone = backbone.to(device)
         self.size = size
         self.multiple = multiple
@@ -42,7 +41,6 @@ class Featurizer:
         self.device = device
         self.batch_size = batch_size
         self.cache = cache if cache is not None else {}
-        self.progress = progress
 
     def grid(self, aspect: float) -> tuple[int, int]:
         return grid_for(self.size, aspect, self.multiple)
@@ -63,8 +61,6 @@ class Featurizer:
                 out[i] = feat.clone()
                 if keys[i] is not None:
                     self.cache[(self.identity, grid, keys[i])] = out[i]
-            if self.progress is not None:
-                self.progress(len(chunk))
         if not out:
             raise ValueError("no images to extract features from")
         return torch.stack(out)  # type: ignore[arg-type]

@@ -57,6 +57,9 @@ class DetectorConfig:
     strategy: str = "semantic"
     seed: int = 0
     device: str = "auto"
+    # how backbones run: "torch", "onnxruntime" or "auto" (the fastest measured at no accuracy loss)
+    runtime: str = "torch"
+    threads: int | None = None  # torch, faiss and ONNX Runtime threads; None: all cores
     # texture expert (PatchCore)
     texture_backbone: str = "efficientnet_lite0"
     texture_weights: str | None = None

@@ -1,7 +1,7 @@
 import numpy as np
 import torch
 
-from astfad.experts.adapter import Adapter, align_view, flip_views, train_adapter
+from astfad.experts.adapter import Adapter, train_adapter
 
 
 def test_untrained_adapter_is_identity():
@@ -26,11 +26,18 @@ def test_training_is_seeded_and_does_not_collapse():
     assert stats["consistency"] < 0.05
 
 
-def test_flip_views_align_back():
-    image = np.arange(6 * 8 * 3, dtype=np.uint8).reshape(6, 8, 3)
-    views = flip_views(image, np.random.default_rng(0), 3, jitter=0.0)
-    assert {dims for _, dims in views} == {(0,), (1,), (0, 1)}
-    original = torch.from_numpy(image).permute(2, 0, 1)
-    for view, dims in views:
-        assert not np.array_equal(view, image)
-        assert torch.equal(align_view(torch.from_numpy(view).permute(2, 0, 1), dims), original)
+def test_view_to_source_samples_the_content_a_view_shows():
+    from astfad.data.views import normal_view, view_to_source
+
+    # a feature map equal to its own coordinates: sampling it at a view's patch centres must give
+    # the source coordinates of those centres
+    h, w = 8, 12
+    ys, xs = torch.meshgrid((torch.arange(h) + 0.5) / h, (torch.arange(w) + 0.5) / w, indexing="ij")
+    coords = torch.stack([ys, xs])
+    image = np.zeros((80, 120, 3), np.uint8)
+    _, box = normal_view(image, np.random.default_rng(0))
+    sampled = view_to_source(coords, box, (h, w))
+    y0, x0, y1, x1 = box
+    assert box != (0.0, 0.0, 1.0, 1.0)
+    assert torch.allclose(sampled[0, 1:-1, 0], y0 + ys[1:-1, 0] * (y1 - y0), atol=1e-5)
+    assert torch.allclose(sampled[1, 0, 1:-1], x0 + xs[0, 1:-1] * (x1 - x0), atol=1e-5)

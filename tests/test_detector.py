@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from astfad.detector import Detector, ModelFileError
+from astfad.detector import FORMAT_VERSION, Detector, ModelFileError
 from astfad.metrics import image_auroc
 
 FAST = dict(semantic_size=112, texture_size=112, eval_size=112, adapter_steps=20)
@@ -50,18 +50,99 @@ def test_auto_selects_with_a_report(fake_backbones, parts):
     det = Detector("auto", **FAST).fit(parts["train"])
     report = det.selection
     assert report["choice"] == det.strategy
-    assert len(report["scores"]) == 9
-    assert report["validation"]["anomalous"] >= 8
+    assert len(report["scores"]) == 8  # fusion_weighted_sum:0.5 is fusion_add halved: not a candidate
+    assert report["validation"]["anomalous"] >= 16
+    chosen = report["scores"][det.strategy]
+    assert det.strategy == "semantic" or chosen["gain_low"] > 0  # the default, unless beaten beyond noise
     assert image_auroc(parts["labels"], [p.score for p in det.predict(parts["test"])]) >= 0.9
 
 
-def test_auto_validates_the_adapter_only_on_held_out_shots(fake_backbones, parts):
-    single = Detector("auto", **FAST).fit(parts["train"][:1])
-    assert "semantic_adapter" not in single.selection["scores"]
-    assert any("one shot" in note for note in single.selection["validation"]["notes"])
-    several = Detector("auto", **FAST).fit(parts["train"][:4])
-    assert "semantic_adapter" in several.selection["scores"]
-    assert any("other half" in note for note in several.selection["validation"]["notes"])
+def test_auto_validates_the_adapter_with_adapters_that_did_not_see_the_shot(fake_backbones, parts):
+    for shots in (1, 4):
+        det = Detector("auto", **FAST).fit(parts["train"][:shots])
+        assert "semantic_adapter" in det.selection["scores"]
+        assert any("never saw" in note for note in det.selection["validation"]["notes"])
+
+
+def test_held_out_adapter_pairs_leave_out_their_group(fake_backbones, parts):
+    from astfad.detector import owner_group
+
+    for shots in (1, 4):
+        det = Detector("semantic", **FAST).fit(parts["train"][:shots])
+        normal = det._normal_set(parts["train"][:shots], [None] * shots, ["semantic"], True)
+        _, _, everyone = det._adapter_pairs(normal)
+        assert len(set(owner_group(everyone, shots == 1).tolist())) == 2
+        for group in (0, 1):
+            _, _, owners = det._adapter_pairs(normal, group)
+            assert len(owners) and (owner_group(owners, shots == 1) != group).all()
+
+
+def test_normal_data_is_never_matched_against_itself(fake_backbones, parts, monkeypatch):
+    """Every normal image scored during fit carries an exclusion, and no patch of a shot finds its
+    own (identical) row among the bank rows it may match; with one shot too."""
+    from astfad.experts.base import KNNExpert, flatten_patches
+
+    calls = []
+    original = KNNExpert.distances
+
+    def spy(self, feats, exclude=None):
+        calls.append((self, feats, exclude))
+        return original(self, feats, exclude)
+
+    monkeypatch.setattr(KNNExpert, "distances", spy)
+    for shots in (1, 3):
+        calls.clear()
+        Detector("fusion_add", **FAST).fit(parts["train"][:shots])
+        assert calls
+        for expert, feats, exclude in calls:
+            assert exclude is not None and all(e is not None for e in exclude)
+            bank = expert.bank
+            for image, owner in zip(feats, exclude):
+                queries = flatten_patches(expert.transform(image[None]))
+                owners = torch.as_tensor(owner).reshape(-1).expand(len(queries))
+                same = torch.cdist(queries, bank.features) < 1e-6
+                allowed = bank.owners[None, :] != owners[:, None]
+                assert not (same & allowed).any()
+
+
+def test_thresholds_follow_the_target_false_positive_rate(fake_backbones, parts):
+    det = Detector("semantic", **FAST).fit(parts["train"])
+    assert det.threshold == det.threshold_for(0.01)
+    assert det.threshold_for(0.2) < det.threshold_for(0.01) < det.threshold_for(0.0001)
+    assert det.pixel_threshold_for(0.01) < det.pixel_threshold_for(0.001) < det.pixel_threshold_for(1e-5)
+    assert set(det.threshold_models) >= {"semantic"}
+    lenient = Detector("semantic", target_fpr=0.3, **FAST).fit(parts["train"])
+    assert lenient.threshold < det.threshold
+    with pytest.raises(ValueError, match="target_fpr"):
+        Detector("semantic", target_fpr=1.5)
+
+
+def test_every_candidate_has_its_own_thresholds(fake_backbones, parts):
+    det = Detector("auto", **FAST).fit(parts["train"])
+    assert set(det.threshold_models) == set(det.selection["scores"])
+    for name in det.threshold_models:
+        assert np.isfinite(det.threshold_for(strategy=name))
+
+
+def test_calibrate_refits_thresholds_on_extra_good_images(fake_backbones, parts):
+    det = Detector("fusion_add", **FAST).fit(parts["train"][:2])
+    bank = det.experts["semantic"].bank.features.clone()
+    det.calibrate(parts["train"][2:], target_fpr=0.05)
+    assert torch.equal(det.experts["semantic"].bank.features, bank)
+    assert det.config.target_fpr == 0.05 and det.threshold == det.threshold_for(0.05)
+    preds = det.predict(parts["test"])
+    assert sum(p.is_anomalous for p in preds[4:]) >= 3 and sum(p.is_anomalous for p in preds[:4]) <= 1
+    with pytest.raises(ValueError, match="two good images"):
+        det.calibrate(parts["train"][:1])
+
+
+def test_reweighted_scores_share_one_scale_with_their_threshold(fake_backbones, parts):
+    det = Detector("texture", image_score="reweight", **FAST).fit(parts["train"])
+    preds = det.predict(parts["test"])
+    normal_scores = [p.score for p in preds[:4]]
+    # the threshold comes from reweighted held-out scores: good parts sit below it, not far under
+    assert max(normal_scores) < det.threshold < 10 * max(normal_scores)
+    assert all(p.is_anomalous for p in preds[4:])
 
 
 def test_fit_is_deterministic(fake_backbones, parts):
@@ -102,7 +183,7 @@ def test_load_refuses_bad_files(fake_backbones, parts, tmp_path):
     save_file(tensors, str(tmp_path / "future.safetensors"), metadata={"astfad": json.dumps(meta)})
     with pytest.raises(ModelFileError, match="format 999"):
         Detector.load(tmp_path / "future.safetensors")
-    meta["format"], meta["backbones"]["semantic"] = 1, "other_vit@x"
+    meta["format"], meta["backbones"]["semantic"] = FORMAT_VERSION, "other_vit@x"
     save_file(tensors, str(tmp_path / "other.safetensors"), metadata={"astfad": json.dumps(meta)})
     with pytest.raises(ModelFileError, match="other_vit@x"):
         Detector.load(tmp_path / "other.safetensors")

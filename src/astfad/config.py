@@ -86,23 +86,24 @@ class DetectorConfig:
     aspect_ratio: float | None = None  # width / height; None: median of the fitted images
     # normalisation and thresholds (from normal data only)
     normaliser: str = "zscore"  # or "robust" (median / MAD)
-    threshold_quantile: float = 0.99
-    pixel_threshold_quantile: float = 0.999
+    target_fpr: float = 0.01  # false alarms on good parts the image threshold allows
+    pixel_target_fpr: float = 0.001  # per-pixel false-positive rate of the defect mask on good parts
     threshold: float | None = None  # manual override of the image threshold
     pixel_threshold: float | None = None
     # selection
-    selection_weights: tuple[float, float] = (0.5, 0.5)  # image AUROC, pixel AUROC
     pinned: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         parse_strategy(self.strategy)
         if self.image_score not in IMAGE_SCORE_RULES:
             raise ValueError(f"image_score must be one of {IMAGE_SCORE_RULES}, got '{self.image_score}'")
+        for name in ("target_fpr", "pixel_target_fpr"):
+            if not 0.0 < getattr(self, name) < 1.0:
+                raise ValueError(f"{name} must be in (0, 1), got {getattr(self, name)}")
         if self.normaliser not in ("zscore", "robust"):
             raise ValueError(f"normaliser must be 'zscore' or 'robust', got '{self.normaliser}'")
         if self.semantic_layers is not None:
             self.semantic_layers = tuple(int(i) for i in self.semantic_layers)
-        self.selection_weights = tuple(float(w) for w in self.selection_weights)  # type: ignore[assignment]
         for name in ("texture_size", "semantic_size", "eval_size"):
             if getattr(self, name) < 32:
                 raise ValueError(f"{name} must be at least 32 pixels")

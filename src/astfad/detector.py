@@ -33,19 +33,23 @@ from astfad import __version__
 from astfad.backbones import load_backbone
 from astfad.config import DetectorConfig, experts_of, grid_for, parse_strategy
 from astfad.data.images import load_image
-from astfad.data.views import random_view, rotate
-from astfad.experts.adapter import Adapter, AdaptedSemanticExpert, align_view, flip_views, train_adapter
-from astfad.experts.base import KNNExpert, flatten_patches
+from astfad.data.views import Source, normal_view, rotate, view_to_source
+from astfad.experts.adapter import AdaptedSemanticExpert, train_adapter
+from astfad.experts.base import Exclusions, KNNExpert, flatten_patches
 from astfad.experts.semantic import SemanticExpert
 from astfad.experts.texture import TextureExpert
 from astfad.features import FeatureCache, Featurizer, resolve_device, semantic_reader, texture_reader
 from astfad.fusion import Normaliser, fuse
-from astfad.scoring import image_scores, to_eval_grid, to_image_size
+from astfad.scoring import image_scores, mask_to_grid, to_eval_grid, to_image_size
+from astfad.selection import (CANDIDATES, DEFAULT_STRATEGY, MAX_ANOMALIES, MIN_ANOMALIES, Evidence,
+                              SelectionReport, choose_strategy, synthetic_anomalies)
+from astfad.thresholds import ThresholdModel
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: threshold models, target false-positive rates
 ROTATION_ANGLES = tuple(range(0, 360, 45))
-MAX_HELD_OUT = 16
-SINGLE_SHOT_VIEWS = 4
+NORMAL_TARGET = 8  # shots + views in the normal set, when shots are few
+MAX_VIEWS_PER_SHOT = 3
+NEAR_SQUARE = 1.25  # aspect ratios within [1/1.25, 1.25] get 45-degree reference rotations
 TEXTURE_MAX_DIMS = 384
 # Measured on ../shared/data with benchmarks/semantic_layers.py (4 shots): blocks 6-8 of the
 # offline ViT localise far better than its saliency-tuned last block (mean pixel AUROC 0.89 against
@@ -90,6 +94,28 @@ def family_of(expert: str) -> str:
     return "texture" if expert == "texture" else "semantic"
 
 
+def views_per_shot(shots: int) -> int:
+    """How many views of each shot join the normal set: enough for about NORMAL_TARGET normal
+    images, none once the shots alone are that many (each view costs a backbone pass)."""
+    return min(MAX_VIEWS_PER_SHOT, max(0, -(-NORMAL_TARGET // shots) - 1))
+
+
+def reference_angles(shots: int, aspect: float, rotate_references: bool | None) -> tuple[float, ...]:
+    """Rotations added to the semantic references: none with many shots (or when turned off),
+    45-degree steps for a near-square frame, a half turn for an elongated one."""
+    if rotate_references is False or (rotate_references is None and shots > 4):
+        return ()
+    if 1 / NEAR_SQUARE <= aspect <= NEAR_SQUARE:
+        return ROTATION_ANGLES[1:]
+    return (180.0,)
+
+
+def owner_group(owners: torch.Tensor, regions: bool) -> torch.Tensor:
+    """Two groups of owners for the held-out adapters: even / odd shots, or with one shot the two
+    diagonals of quadrants (each group sees top and bottom, left and right)."""
+    return (owners // 2 + owners % 2) % 2 if regions else owners % 2
+
+
 def semantic_layers(config: DetectorConfig, num_blocks: int) -> tuple[int, ...]:
     if config.semantic_layers is not None:
         return config.semantic_layers
@@ -116,6 +142,7 @@ class Detector:
         self.strategy: str | None = None  # the applied strategy (auto's choice, or the given one)
         self.threshold: float | None = None
         self.pixel_threshold: float | None = None
+        self.threshold_models: dict[str, ThresholdModel] = {}
         self.selection: dict[str, Any] | None = None
         self.adapter_stats: dict[str, float] = {}
         self.fit_seconds: float = 0.0
@@ -172,155 +199,248 @@ class Detector:
         keys = list(keys) if keys is not None else auto_keys
         cfg = self.config
         self.experts, self.normalisers, self.selection, self.adapter_stats = {}, {}, None, {}
+        self.threshold_models = {}
         self.shots = [k if k is not None else f"<array {i}>" for i, k in enumerate(keys)]
         self.aspect = cfg.aspect_ratio or statistics.median(a.shape[1] / a.shape[0] for a in arrays)
         torch.manual_seed(cfg.seed)
+        auto = parse_strategy(cfg.strategy)[0] == "auto"
         needed = set(experts_of(cfg.strategy)) | set(also)
         if "semantic_adapter" in needed:
             needed.add("semantic")
-        owners = torch.arange(len(arrays))
-        feats: dict[str, torch.Tensor] = {}
+        families = sorted({family_of(e) for e in needed})
+        normal = self._normal_set(arrays, keys, families, with_adapter_views="semantic_adapter" in needed)
+        n = len(arrays)
         if "texture" in needed:
-            feats["texture"] = self.features("texture", arrays, keys)
             expert = TextureExpert(cfg.coreset_budget, cfg.coreset_projection_dim, cfg.seed)
-            expert.fit(feats["texture"], owners)
+            expert.fit(normal.features["texture"][:n], self._owner_maps(normal.sources[:n], "texture", normal))
             self.experts["texture"] = expert
+        refs = ref_owners = None
         if "semantic" in needed:
-            feats["semantic"] = self.features("semantic", arrays, keys)
-            refs, ref_owners = self._semantic_references(arrays, keys, feats["semantic"])
+            refs, ref_owners = self._semantic_references(arrays, keys, normal)
             expert = SemanticExpert(cfg.mask_background, cfg.seed)
             expert.fit(refs, ref_owners)
             self.experts["semantic"] = expert
-            if "semantic_adapter" in needed:
-                adapter, self.adapter_stats = self._train_adapter(arrays, keys, feats["semantic"])
-                adapted = AdaptedSemanticExpert(adapter, cfg.mask_background, cfg.seed)
-                adapted.fit(refs, ref_owners)
-                self.experts["semantic_adapter"] = adapted
         self._move_banks()
-        bases = self._validation_bases(arrays, keys, feats)
-        normal_maps = self.expert_maps(bases.features, bases.exclude)
+        exclusions = {f: self._owner_maps(normal.sources, f, normal) for f in normal.features}
+        normal_maps = self.expert_maps(normal.features, exclusions)
+        held_out = None
+        if "semantic_adapter" in needed:
+            held_out = self._held_out_adapters(normal, refs, ref_owners)
+            normal_maps["semantic_adapter"] = held_out(normal.features["semantic"], exclusions["semantic"])
         self.normalisers = {name: Normaliser.fit(m, cfg.normaliser) for name, m in normal_maps.items()}
-        if parse_strategy(cfg.strategy)[0] == "auto":
-            from astfad.selection import select_strategy
-            held_out = self._held_out_adapter_maps(arrays, keys, feats["semantic"], refs, ref_owners) \
-                if len(arrays) >= 2 else None
-            report = select_strategy(self, bases, normal_maps, held_out)
-            self.selection = report.to_dict()
-            self.strategy = report.choice
+        candidates = [c for c in CANDIDATES if set(experts_of(c)) <= set(normal_maps)]
+        normal_scores = {c: self.scores(c, self.combine(c, normal_maps), normal.features.get("texture"),
+                                        exclusions.get("texture")) for c in candidates}
+        if auto:
+            self.selection = self._select(normal, exclusions, normal_maps, normal_scores, held_out).to_dict()
+            self.strategy = self.selection["choice"]
         else:
             self.strategy = cfg.strategy
-        self._fit_thresholds(normal_maps, bases)
+            if self.strategy not in normal_scores:  # e.g. fusion_weighted_sum with another alpha
+                normal_scores[self.strategy] = self.scores(
+                    self.strategy, self.combine(self.strategy, normal_maps), normal.features.get("texture"),
+                    exclusions.get("texture"))
+        if "semantic_adapter" in needed and (self.strategy == "semantic_adapter" or "semantic_adapter" in also):
+            anchors, positives, _ = self._adapter_pairs(normal)
+            adapter, self.adapter_stats = train_adapter(anchors, positives, cfg.adapter_hidden,
+                                                        cfg.adapter_steps, cfg.adapter_lr, cfg.seed)
+            adapted = AdaptedSemanticExpert(adapter, cfg.mask_background, cfg.seed)
+            adapted.fit(refs, ref_owners)
+            self.experts["semantic_adapter"] = adapted
+            self._move_banks()
+        self._fit_thresholds(normal_maps, normal_scores)
         self.fit_seconds = time.perf_counter() - start
         return self
 
-    def _semantic_references(self, arrays: list[np.ndarray], keys: Sequence[str | None],
-                             feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Reference features: the shots, plus 8 rotations (45-degree steps) of each shot when
-        there are few of them (AnomalyDINO's augmentation for k <= 4)."""
-        rotate_refs = self.config.rotate_references
-        if rotate_refs is None:
-            rotate_refs = len(arrays) <= 4
-        owners = torch.arange(len(arrays))
-        if not rotate_refs:
-            return feats, owners
-        extra, extra_keys, extra_owners = [], [], []
-        for i, (image, key) in enumerate(zip(arrays, keys)):
-            for angle in ROTATION_ANGLES[1:]:
-                extra.append(rotate(image, angle))
-                extra_keys.append(f"{key}#rot{angle}" if key is not None else None)
-                extra_owners.append(i)
-        rotated = self.features("semantic", extra, extra_keys)
-        return torch.cat([feats, rotated]), torch.cat([owners, torch.tensor(extra_owners)])
-
-    def _train_adapter(self, arrays: list[np.ndarray], keys: Sequence[str | None],
-                       feats: torch.Tensor) -> tuple[Adapter, dict[str, float]]:
-        """An adapter trained on these shots' flip-and-jitter views; each image's views depend
-        only on the seed and the image, so cached view features stay valid for any subset."""
+    def _normal_set(self, arrays: list[np.ndarray], keys: Sequence[str | None], families: Sequence[str],
+                    with_adapter_views: bool) -> "NormalSet":
+        """The shots and small shifted, photometric views of them (fewer the more shots there
+        are: `views_per_shot`), with their features and sources. Each view depends only on the seed
+        and its image, so cached view features stay valid for any subset of shots."""
         cfg = self.config
-        views, view_keys, flips, sources = [], [], [], []
+        images, view_keys, sources = list(arrays), list(keys), [Source(i) for i in range(len(arrays))]
+        per_shot = views_per_shot(len(arrays))
         for i, (image, key) in enumerate(zip(arrays, keys)):
+            count = per_shot or int(with_adapter_views and i < NORMAL_TARGET)  # the adapter needs pairs
             rng = np.random.default_rng([cfg.seed, zlib.crc32(key.encode()) if key is not None else i])
-            for j, (view, dims) in enumerate(flip_views(image, rng, cfg.adapter_views)):
-                views.append(view)
-                view_keys.append(f"{key}#adapterview{cfg.seed}.{j}" if key is not None else None)
-                flips.append(dims)
-                sources.append(i)
-        view_feats = self.features("semantic", views, view_keys)
-        aligned = torch.stack([align_view(f, d) for f, d in zip(view_feats, flips)])
-        anchors = flatten_patches(feats[torch.tensor(sources)])
-        return train_adapter(anchors, flatten_patches(aligned), cfg.adapter_hidden,
-                             cfg.adapter_steps, cfg.adapter_lr, cfg.seed)
+            for j in range(count):
+                view, box = normal_view(image, rng)
+                images.append(view)
+                view_keys.append(f"{key}#view{cfg.seed}.{j}" if key is not None else None)
+                sources.append(Source(i, box))
+        features = {f: self.features(f, images, view_keys) for f in families}
+        return NormalSet(images, sources, features)
 
-    def _held_out_adapter_maps(self, arrays: list[np.ndarray], keys: Sequence[str | None],
-                               feats: torch.Tensor, refs: torch.Tensor, ref_owners: torch.Tensor
-                               ) -> Callable[[torch.Tensor, Sequence[int | None]], torch.Tensor]:
-        """semantic_adapter maps for validation that no adapter saw: two adapters, each trained on
-        half of the shots (even / odd positions), and every validation image scored by the one
-        that was not trained on its source shot. The fitted adapter saw every shot, so validating
-        it directly would flatter it."""
-        cfg, n = self.config, len(arrays)
+    def _owner_maps(self, sources: Sequence[Source], family: str, normal: "NormalSet") -> torch.Tensor:
+        """(N, h, w) owner of each patch on a family's grid: the shot, or with a single shot the
+        quadrant its content comes from, so nothing is ever matched against itself."""
+        grid = tuple(normal.features[family].shape[-2:])
+        regions = len(self.shots) == 1
+        return torch.stack([s.owners(grid, self._aspect(), regions) for s in sources])
+
+    def _semantic_references(self, arrays: list[np.ndarray], keys: Sequence[str | None],
+                             normal: "NormalSet") -> tuple[torch.Tensor, torch.Tensor]:
+        """Reference features: the shots, plus rotated copies of each when there are few of them
+        (AnomalyDINO's augmentation for k <= 4): 45-degree steps for a near-square frame, a half
+        turn otherwise (a quarter turn of an elongated frame is mostly fill)."""
+        n = len(arrays)
+        angles = reference_angles(n, self._aspect(), self.config.rotate_references)
+        sources = normal.sources[:n] + [Source(i, angle=a) for i in range(n) for a in angles]
+        rotated = [rotate(arrays[i], a) for i in range(n) for a in angles]
+        rotated_keys = [f"{keys[i]}#rot{a}" if keys[i] is not None else None for i in range(n) for a in angles]
+        feats = normal.features["semantic"][:n]
+        if rotated:
+            feats = torch.cat([feats, self.features("semantic", rotated, rotated_keys)])
+        grid = tuple(feats.shape[-2:])
+        regions = n == 1
+        return feats, torch.stack([s.owners(grid, self._aspect(), regions) for s in sources])
+
+    def _adapter_pairs(self, normal: "NormalSet", group: int | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Matching (M, D) patch pairs for the adapter, with each pair's owner (M,): every view's
+        tokens and the shot's tokens at the same content (sampled at the view's patch centres);
+        with `group`, only patches whose owner is outside that group (the adapter that must not
+        see it)."""
+        feats = normal.features["semantic"]
+        grid = tuple(feats.shape[-2:])
+        regions = len(self.shots) == 1
+        anchors, positives, owners = [], [], []
+        for j, source in enumerate(normal.sources):
+            if source.box == (0.0, 0.0, 1.0, 1.0):
+                continue
+            owner = source.owners(grid, self._aspect(), regions).reshape(-1)
+            keep = owner_group(owner, regions) != group if group is not None else torch.ones_like(owner, dtype=torch.bool)
+            anchors.append(flatten_patches(view_to_source(feats[source.shot], source.box, grid)[None])[keep])
+            positives.append(flatten_patches(feats[j:j + 1])[keep])
+            owners.append(owner[keep])
+        if not anchors or sum(len(a) for a in anchors) == 0:
+            raise ValueError("the adapter needs views of the shots to train on")
+        return torch.cat(anchors), torch.cat(positives), torch.cat(owners)
+
+    def _held_out_adapters(self, normal: "NormalSet", refs: torch.Tensor, ref_owners: torch.Tensor
+                           ) -> Callable[[torch.Tensor, Exclusions], torch.Tensor]:
+        """semantic_adapter maps of normal (and synthetic) images from adapters that never saw the
+        scored content: two adapters, each trained without one group of owners (even / odd shots,
+        or with one shot diagonal quadrants), and every patch scored by the one that did not see
+        its owner. Validating or thresholding the adapter fitted on every shot would flatter it."""
+        cfg = self.config
+        regions = len(self.shots) == 1
         experts = []
-        for parity in (0, 1):
-            train = [i for i in range(n) if i % 2 != parity]
-            adapter, _ = self._train_adapter([arrays[i] for i in train], [keys[i] for i in train], feats[train])
+        for group in (0, 1):
+            anchors, positives, _ = self._adapter_pairs(normal, group)
+            adapter, stats = train_adapter(anchors, positives, cfg.adapter_hidden,
+                                           cfg.adapter_steps, cfg.adapter_lr, cfg.seed)
             expert = AdaptedSemanticExpert(adapter, cfg.mask_background, cfg.seed)
             expert.fit(refs, ref_owners)
             experts.append(expert)
+            self.adapter_stats = {f"held_out_{group}_{k}": v for k, v in stats.items()} | self.adapter_stats
 
-        def maps(semantic_feats: torch.Tensor, exclude: Sequence[int | None]) -> torch.Tensor:
-            out = torch.empty(semantic_feats.shape[0], *self.eval_grid())
-            for parity, expert in enumerate(experts):
-                rows = [i for i, e in enumerate(exclude) if e % 2 == parity]
-                if rows:
-                    raw = expert.distances(semantic_feats[rows], [exclude[i] for i in rows])
-                    out[rows] = to_eval_grid(raw, self.eval_grid(), cfg.blur_sigma)
-            return out
+        def maps(semantic_feats: torch.Tensor, exclude: Exclusions) -> torch.Tensor:
+            owners = torch.stack([torch.as_tensor(e).expand(semantic_feats.shape[-2:]) for e in exclude])
+            chosen = owner_group(owners, regions)
+            raw = torch.where(chosen == 0, experts[0].distances(semantic_feats, exclude),
+                              experts[1].distances(semantic_feats, exclude))
+            return to_eval_grid(raw, self.eval_grid(), cfg.blur_sigma)
 
         return maps
+
+    def _select(self, normal: "NormalSet", exclusions: dict[str, torch.Tensor],
+                normal_maps: dict[str, torch.Tensor], normal_scores: dict[str, torch.Tensor],
+                held_out: Callable[[torch.Tensor, Exclusions], torch.Tensor] | None) -> SelectionReport:
+        """Score every candidate on synthetic anomalies pasted into the normal set (same exclusions
+        as their normal image) and let selection.choose_strategy decide from that evidence."""
+        cfg = self.config
+        count = min(MAX_ANOMALIES, max(MIN_ANOMALIES, 2 * len(normal.images)))
+        images, masks, bases, kinds = synthetic_anomalies(normal.images, cfg.seed + 2, count)
+        feats = {f: self.features(f, images) for f in normal.features}
+        exclude = {f: exclusions[f][bases] for f in exclusions}
+        anomalous_maps = self.expert_maps(feats, exclude)
+        if held_out is not None:
+            anomalous_maps["semantic_adapter"] = held_out(feats["semantic"], exclude["semantic"])
+        grid = self.eval_grid()
+        true_masks = np.stack([mask_to_grid(m, grid) for m in masks])
+        evidence = {}
+        for name, normal_score in normal_scores.items():
+            anomalous = self.combine(name, anomalous_maps)
+            evidence[name] = Evidence(normal_score.numpy(), self.combine(name, normal_maps).numpy(),
+                                      self.scores(name, anomalous, feats.get("texture"), exclude.get("texture")).numpy(),
+                                      anomalous.numpy())
+        notes = []
+        if held_out is not None:
+            notes.append("semantic_adapter validated with adapters that never saw the validated shot "
+                         "(or, with one shot, quadrant)")
+        validation = {"normal": len(normal.images), "anomalous": len(images), "kinds": sorted(set(kinds)),
+                      "single_shot_regions": len(self.shots) == 1}
+        return choose_strategy(evidence, true_masks, DEFAULT_STRATEGY, cfg.seed, notes, validation)
 
     def _move_banks(self) -> None:
         if self.device.type != "cpu":
             for expert in self.experts.values():
                 expert.bank = expert.bank.to(self.device)
 
-    def _validation_bases(self, arrays: list[np.ndarray], keys: Sequence[str | None],
-                          feats: dict[str, torch.Tensor]) -> "ValidationBases":
-        """Normal images to validate on without test data: up to 16 shots, each scored with its
-        own patches left out; with a single shot, augmented views of it."""
-        rng = np.random.default_rng(self.config.seed + 1)
-        if len(arrays) >= 2:
-            chosen = sorted(rng.choice(len(arrays), min(len(arrays), MAX_HELD_OUT), replace=False).tolist())
-            return ValidationBases([arrays[i] for i in chosen], [keys[i] for i in chosen],
-                                   list(chosen), {f: t[chosen] for f, t in feats.items()})
-        views = [random_view(arrays[0], rng) for _ in range(SINGLE_SHOT_VIEWS)]
-        view_keys = [f"{keys[0]}#view{self.config.seed}.{j}" if keys[0] is not None else None
-                     for j in range(len(views))]
-        return ValidationBases(views, view_keys, [None] * len(views),
-                               {f: self.features(f, views, view_keys) for f in feats})
-
-    def _fit_thresholds(self, normal_maps: dict[str, torch.Tensor], bases: "ValidationBases") -> None:
+    def _fit_thresholds(self, normal_maps: dict[str, torch.Tensor], normal_scores: dict[str, torch.Tensor]) -> None:
+        """A threshold model per strategy from its normal scores and maps; the applied strategy's
+        thresholds at the configured false-positive rates (or the manual overrides)."""
         cfg = self.config
-        maps = self.combine(self.strategy, normal_maps)
-        scores = self.scores(self.strategy, maps, bases.features.get("texture"), bases.exclude)
-        self.normalisers["applied"] = Normaliser.fit(maps, cfg.normaliser)
-        self.threshold = cfg.threshold if cfg.threshold is not None else \
-            float(torch.quantile(scores.double(), cfg.threshold_quantile))
-        if cfg.pixel_threshold is not None:
-            self.pixel_threshold = cfg.pixel_threshold
-        else:
-            values = maps.flatten().double()
-            if values.numel() > 1_000_000:
-                values = values[torch.randperm(values.numel(), generator=torch.Generator().manual_seed(cfg.seed))[:1_000_000]]
-            self.pixel_threshold = float(torch.quantile(values, cfg.pixel_threshold_quantile))
+        self.threshold_models = {name: ThresholdModel.fit(scores, self.combine(name, normal_maps), cfg.seed)
+                                 for name, scores in normal_scores.items()}
+        self.normalisers["applied"] = Normaliser.fit(self.combine(self.strategy, normal_maps), cfg.normaliser)
+        self.threshold = self.threshold_for()
+        self.pixel_threshold = self.pixel_threshold_for()
+
+    def threshold_for(self, target_fpr: float | None = None, strategy: str | None = None) -> float:
+        """The image threshold at a target false-positive rate on good parts (default: the
+        configured `target_fpr`, or the manual `threshold` for the applied strategy)."""
+        strategy = strategy or self.strategy
+        if target_fpr is None and strategy == self.strategy and self.config.threshold is not None:
+            return float(self.config.threshold)
+        return self._threshold_model(strategy).image.threshold(target_fpr or self.config.target_fpr)
+
+    def pixel_threshold_for(self, target_fpr: float | None = None, strategy: str | None = None) -> float:
+        """The pixel threshold at a target per-pixel false-positive rate on good parts."""
+        strategy = strategy or self.strategy
+        if target_fpr is None and strategy == self.strategy and self.config.pixel_threshold is not None:
+            return float(self.config.pixel_threshold)
+        return self._threshold_model(strategy).pixel.threshold(target_fpr or self.config.pixel_target_fpr)
+
+    def _threshold_model(self, strategy: str) -> ThresholdModel:
+        if strategy not in self.threshold_models:
+            raise ValueError(f"no threshold model for strategy '{strategy}' "
+                             f"(have: {', '.join(self.threshold_models) or 'none'})")
+        return self.threshold_models[strategy]
+
+    def calibrate(self, images: Sequence[ImageInput], target_fpr: float | None = None,
+                  pixel_target_fpr: float | None = None) -> "Detector":
+        """Refit the normalisers and thresholds on extra good images, scored against the full banks
+        (which stay as they are): for users with more good images than shots."""
+        if self.strategy is None:
+            raise RuntimeError("the detector is not fitted; call fit() or Detector.load()")
+        arrays, keys = self.load_images(images)
+        if len(arrays) < 2:
+            raise ValueError("calibrate needs at least two good images")
+        feats = self.extract(arrays, keys, "all")
+        maps = self.expert_maps(feats)
+        self.normalisers = {name: Normaliser.fit(m, self.config.normaliser) for name, m in maps.items()}
+        strategies = [c for c in (*CANDIDATES, self.strategy) if set(experts_of(c)) <= set(maps)]
+        scores = {c: self.scores(c, self.combine(c, maps), feats.get("texture")) for c in dict.fromkeys(strategies)}
+        if target_fpr is not None:
+            self.config.target_fpr = target_fpr
+        if pixel_target_fpr is not None:
+            self.config.pixel_target_fpr = pixel_target_fpr
+        self._fit_thresholds(maps, scores)
+        return self
 
     # ---------------------------------------------------------------- scoring
-    def expert_maps(self, feats: dict[str, torch.Tensor], exclude: Sequence[int | None] | None = None,
+    def expert_maps(self, feats: dict[str, torch.Tensor], exclude: dict[str, Exclusions] | None = None,
                     experts: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
-        """Each fitted expert's smoothed map on the evaluation grid, (B, H, W)."""
+        """Each fitted expert's smoothed map on the evaluation grid, (B, H, W); `exclude` gives,
+        per feature family, the owner each image (or patch) must not be matched against."""
         grid, sigma = self.eval_grid(), self.config.blur_sigma
         out = {}
         for name in experts or self.experts:
-            out[name] = to_eval_grid(self.experts[name].distances(feats[family_of(name)], exclude), grid, sigma)
+            family = family_of(name)
+            raw = self.experts[name].distances(feats[family], (exclude or {}).get(family))
+            out[name] = to_eval_grid(raw, grid, sigma)
         return out
 
     def combine(self, strategy: str, maps: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -340,12 +460,11 @@ class Detector:
         return out
 
     def scores(self, strategy: str, maps: torch.Tensor, texture_feats: torch.Tensor | None = None,
-               exclude: Sequence[int | None] | None = None) -> torch.Tensor:
-        """Image scores with the configured rule (PatchCore's reweighting for `reweight`)."""
+               exclude: Exclusions = None) -> torch.Tensor:
+        """Image scores with the configured rule (PatchCore's reweighting for `reweight`, with the
+        same exclusions as the maps so normal and test scores share one scale)."""
         if self.config.image_score == "reweight" and strategy == "texture":
-            if exclude is not None and any(e is not None for e in exclude):
-                return image_scores(maps, "max")  # held-out shots: reweighting needs the full bank
-            return self.experts["texture"].reweighted_scores(texture_feats)
+            return self.experts["texture"].reweighted_scores(texture_feats, exclude)
         return image_scores(maps, self.config.image_score)
 
     def families(self, strategy: str | None = None) -> list[str]:
@@ -384,6 +503,7 @@ class Detector:
                 "backbones": {f: z.backbone.backbone_id for f, z in self.featurizers.items()}, "experts": sorted(self.experts),
                 "normalisers": {k: v.to_list() for k, v in self.normalisers.items()},
                 "threshold": self.threshold, "pixel_threshold": self.pixel_threshold,
+                "threshold_models": {k: v.to_dict() for k, v in self.threshold_models.items()},
                 "selection": self.selection, "adapter_stats": self.adapter_stats,
                 "fit_seconds": self.fit_seconds}
 
@@ -434,6 +554,7 @@ class Detector:
         detector = cls(strategy, cache=cache, **config)
         detector.strategy, detector.aspect, detector.shots = meta["strategy"], meta["aspect"], meta["shots"]
         detector.threshold, detector.pixel_threshold = meta["threshold"], meta["pixel_threshold"]
+        detector.threshold_models = {k: ThresholdModel.from_dict(v) for k, v in meta["threshold_models"].items()}
         detector.selection, detector.adapter_stats = meta.get("selection"), meta.get("adapter_stats", {})
         detector.normalisers = {k: Normaliser.from_list(v) for k, v in meta["normalisers"].items()}
         detector.fit_seconds = meta.get("fit_seconds", 0.0)
@@ -458,12 +579,12 @@ class Detector:
 
 
 @dataclass
-class ValidationBases:
-    """Normal images for validation, with the owner each must not be matched against."""
+class NormalSet:
+    """Normal images made from the shots (the shots first, then views), where each came from, and
+    their features per family."""
 
     images: list[np.ndarray]
-    keys: list[str | None]
-    exclude: list[int | None]
+    sources: list[Source]
     features: dict[str, torch.Tensor]
 
 

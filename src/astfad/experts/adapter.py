@@ -13,9 +13,6 @@ The up-projection starts at zero, so an untrained adapter is exactly the identit
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -45,30 +42,6 @@ class Adapter(nn.Module):
     def forward_maps(self, feats: torch.Tensor) -> torch.Tensor:
         """(N, D, h, w) -> (N, D, h, w)."""
         return self(feats.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
-
-
-def flip_views(image: np.ndarray, rng: np.random.Generator, count: int,
-               jitter: float = 0.15) -> list[tuple[np.ndarray, tuple[int, ...]]]:
-    """`count` views made by flips (whose patch correspondence is exact on any grid) and
-    brightness/contrast jitter; each comes with the flip dims that map it back."""
-    choices = [(1,), (0,), (0, 1)]
-    first = int(rng.integers(0, 3))
-    out = []
-    for i in range(count):
-        dims = choices[(first + i) % 3]
-        view = image
-        for d in dims:
-            view = np.flip(view, axis=d)
-        view = view.astype(np.float32)
-        mean = view.mean()
-        view = (view - mean) * rng.uniform(1 - jitter, 1 + jitter) + mean * rng.uniform(1 - jitter, 1 + jitter)
-        out.append((np.ascontiguousarray(np.clip(view, 0, 255).astype(np.uint8)), dims))
-    return out
-
-
-def align_view(feats: torch.Tensor, dims: Sequence[int]) -> torch.Tensor:
-    """Undo the flips of a view on its (D, h, w) feature map (image axis 0 -> map axis 1)."""
-    return torch.flip(feats, [d + 1 for d in dims]) if dims else feats
 
 
 def _kmeans(x: torch.Tensor, k: int, generator: torch.Generator, iters: int = 10) -> torch.Tensor:

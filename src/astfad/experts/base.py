@@ -13,6 +13,9 @@ import torch
 from astfad.memory import MemoryBank
 
 
+Exclusions = Sequence[int | torch.Tensor | None] | None
+
+
 def flatten_patches(feats: torch.Tensor) -> torch.Tensor:
     """(N, C, h, w) -> (N * h * w, C), rows in image-major order."""
     return feats.permute(0, 2, 3, 1).reshape(-1, feats.shape[1])
@@ -36,11 +39,14 @@ class KNNExpert:
         return feats
 
     def fit(self, feats: torch.Tensor, owners: torch.Tensor) -> None:
-        """Build the bank from normal features; `owners[i]` names the fitted image feats[i] came
-        from (rotated views share their source's owner), for leave-one-out scoring."""
+        """Build the bank from normal features; `owners` names where each patch's content came
+        from, per image (N,) or per patch (N, h, w), so that normal data can be scored without its
+        own content (leave-one-out)."""
         patches = flatten_patches(self.transform(feats))
-        per_image = feats.shape[2] * feats.shape[3]
-        self.bank = MemoryBank(patches, owners.long().repeat_interleave(per_image), self.metric,
+        owners = owners.long()
+        if owners.ndim == 1:
+            owners = owners[:, None, None].expand(-1, *feats.shape[2:])
+        self.bank = MemoryBank(patches, owners.reshape(-1).clone(), self.metric,
                                self.budget, self.projection_dim, self.seed)
 
     def _require_bank(self) -> MemoryBank:
@@ -48,24 +54,22 @@ class KNNExpert:
             raise RuntimeError(f"the {self.name} expert is not fitted")
         return self.bank
 
-    def distances(self, feats: torch.Tensor,
-                  exclude: Sequence[int | None] | None = None) -> torch.Tensor:
-        """(B, h, w) nearest-neighbour distances; `exclude[b]` leaves that owner's patches out
-        of image b's search (leave-one-out), None searches the whole bank."""
+    def distances(self, feats: torch.Tensor, exclude: Exclusions = None) -> torch.Tensor:
+        """(B, h, w) nearest-neighbour distances; `exclude[b]` leaves an owner's patches out of
+        image b's search: one owner for the whole image, or an (h, w) owner per patch; None
+        searches the whole bank."""
         bank = self._require_bank()
         b, _, h, w = feats.shape
         queries = flatten_patches(self.transform(feats))
         if exclude is None or all(e is None for e in exclude):
             return bank.nearest(queries).reshape(b, h, w)
-        out = torch.empty(b, h * w)
         per_owner = bank.nearest_per_owner(queries).reshape(b, h * w, -1)
         for i, owner in enumerate(exclude):
-            dist = per_owner[i]
             if owner is not None:
-                dist = dist.clone()
-                dist[:, owner] = float("inf")
-            out[i] = dist.min(dim=1).values
-        return out.reshape(b, h, w)
+                columns = torch.as_tensor(owner, dtype=torch.long).reshape(-1).expand(h * w)
+                keep = columns < per_owner.shape[2]  # an owner the (subsampled) bank lacks
+                per_owner[i, keep.nonzero()[:, 0], columns[keep]] = float("inf")
+        return per_owner.min(dim=2).values.reshape(b, h, w)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         bank = self._require_bank()

@@ -1,0 +1,111 @@
+"""Thresholds from a model of the NORMAL score distribution, at a false-alarm rate the user sets.
+
+A raw quantile of a handful of normal scores is in effect their maximum: with four held-out shots
+the "0.99 quantile" says nothing about 1% of future good parts. Here:
+  - image scores: a Gaussian fitted to the normal image scores (held-out shots and views, each
+    scored without its own content); the threshold for a target false-positive rate `fpr` is
+    mean + std * z(1 - fpr). Its standard deviation is floored at a small fraction of the mean's
+    magnitude so that identical scores do not give a threshold at the normal score itself;
+  - pixel values: a generalised Pareto tail (peaks over the 95th percentile) fitted to the normal
+    maps' pixels, which extrapolates to per-pixel rates that a few images cannot show directly.
+Both models are a few numbers, saved with the detector, so any target rate can be asked for later
+(`Detector.threshold_for`) without refitting.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from scipy import stats
+
+TAIL_QUANTILE = 0.95
+MAX_TAIL_VALUES = 20000
+MIN_STD_FRACTION = 0.02
+
+
+def _check_rate(rate: float) -> float:
+    rate = float(rate)
+    if not 0.0 < rate < 1.0 or math.isnan(rate):
+        raise ValueError(f"a false-positive rate must be in (0, 1), got {rate}")
+    return rate
+
+
+@dataclass
+class ScoreModel:
+    """Gaussian model of normal image scores."""
+
+    mean: float
+    std: float
+    count: int
+
+    @classmethod
+    def fit(cls, scores: torch.Tensor | np.ndarray) -> "ScoreModel":
+        values = np.asarray(scores, dtype=np.float64).ravel()
+        if values.size == 0 or not np.isfinite(values).all():
+            raise ValueError("a score model needs finite normal scores")
+        mean = float(values.mean())
+        std = float(values.std(ddof=1)) if values.size > 1 else 0.0
+        floor = MIN_STD_FRACTION * max(abs(mean), 1e-6)
+        return cls(mean, max(std, floor), int(values.size))
+
+    def threshold(self, fpr: float) -> float:
+        return self.mean + self.std * float(stats.norm.isf(_check_rate(fpr)))
+
+    def exceedance(self, scores: np.ndarray) -> np.ndarray:
+        """The model's probability that a normal score is below each score (0.5 at the mean)."""
+        return stats.norm.cdf((np.asarray(scores, dtype=np.float64) - self.mean) / self.std)
+
+
+@dataclass
+class TailModel:
+    """Generalised Pareto tail of normal pixel values above their `TAIL_QUANTILE` quantile."""
+
+    location: float  # the tail's start (the 95th percentile of normal pixels)
+    shape: float
+    scale: float
+    tail_rate: float  # fraction of normal pixels above `location`
+
+    @classmethod
+    def fit(cls, values: torch.Tensor | np.ndarray, seed: int = 0) -> "TailModel":
+        x = np.asarray(values, dtype=np.float64).ravel()
+        if x.size < 20 or not np.isfinite(x).all():
+            raise ValueError("a tail model needs at least 20 finite normal pixel values")
+        location = float(np.quantile(x, TAIL_QUANTILE))
+        excess = x[x > location] - location
+        tail_rate = max(excess.size, 1) / x.size
+        if excess.size > MAX_TAIL_VALUES:
+            excess = np.random.default_rng(seed).choice(excess, MAX_TAIL_VALUES, replace=False)
+        if excess.size < 10 or float(excess.std()) == 0.0:
+            spread = float(x.std()) or 1e-6
+            return cls(location, 0.0, spread, tail_rate)
+        shape, _, scale = stats.genpareto.fit(excess, floc=0.0)
+        # a heavy fitted tail (shape > 0.5) extrapolates wildly from few images: cap it
+        return cls(location, float(min(shape, 0.5)), float(scale), tail_rate)
+
+    def threshold(self, fpr: float) -> float:
+        fpr = _check_rate(fpr)
+        if fpr >= self.tail_rate:  # inside the body: the empirical quantile is the tail's start
+            return self.location
+        return self.location + float(stats.genpareto.isf(fpr / self.tail_rate, self.shape, scale=self.scale))
+
+
+@dataclass
+class ThresholdModel:
+    """The image and pixel models of one strategy's normal scores and maps."""
+
+    image: ScoreModel
+    pixel: TailModel
+
+    @classmethod
+    def fit(cls, scores: torch.Tensor, maps: torch.Tensor, seed: int = 0) -> "ThresholdModel":
+        return cls(ScoreModel.fit(scores), TailModel.fit(maps.flatten().double().numpy(), seed))
+
+    def to_dict(self) -> dict[str, dict[str, float]]:
+        return {"image": asdict(self.image), "pixel": asdict(self.pixel)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, dict[str, float]]) -> "ThresholdModel":
+        return cls(ScoreModel(**data["image"]), TailModel(**data["pixel"]))

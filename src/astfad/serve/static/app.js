@@ -139,7 +139,7 @@ function addCard(file) {
   const result = { file: file.name, model: state.model, card, url: URL.createObjectURL(file),
                    score: null, serverThreshold: null, area: null, error: null, time: new Date().toISOString() };
   card.querySelector("img.original").src = result.url;
-  $("#results").prepend(card);
+  $("#results").append(card);
   state.results.push(result);
   return result;
 }
@@ -189,7 +189,7 @@ async function drawOutline(result, maskSrc) {
   const m = sctx.getImageData(0, 0, w, h).data;
   const inside = (x, y) => x >= 0 && y >= 0 && x < w && y < h && m[(y * w + x) * 4] > 127;
   const out = ctx.getImageData(0, 0, w, h);
-  const thick = Math.max(1, Math.round(Math.max(w, h) / 256));
+  const thick = Math.max(2, Math.round(Math.max(w, h) / 180)); // half-width in pixels
   for (let y = 0; y < h; y++) {
     for (let x = 0; x < w; x++) {
       if (!inside(x, y) || (inside(x - 1, y) && inside(x + 1, y) && inside(x, y - 1) && inside(x, y + 1))) continue;

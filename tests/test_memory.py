@@ -1,6 +1,11 @@
+import time
+
+import faiss
 import pytest
 import torch
 
+import astfad.memory
+import astfad.runtime.cpu as cpu
 from astfad.memory import MemoryBank, NearestNeighbours, greedy_coreset
 
 
@@ -93,3 +98,37 @@ def test_bf16_shortlist_matches_exact_cosine_search():
     ref_dist, ref_idx = exact.search(queries, k=2)
     assert (idx[:, 0] == ref_idx[:, 0]).float().mean() > 0.99
     assert torch.allclose(dist, ref_dist, atol=1e-3)
+
+
+def test_kernel_decision_is_cheap_and_cached():
+    cpu.cpu_flags.cache_clear()
+    cpu.native_bf16.cache_clear()
+    start = time.perf_counter()
+    first = cpu.native_bf16()
+    assert time.perf_counter() - start < 0.05
+    start = time.perf_counter()
+    assert cpu.native_bf16() == first
+    assert time.perf_counter() - start < 0.001
+
+
+def test_avx2_cpu_gets_faiss_float32_and_bf16_cpu_the_shortlist(monkeypatch):
+    monkeypatch.setattr(cpu, "cpu_flags", lambda: frozenset({"avx", "avx2", "fma", "f16c"}))
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    cpu.native_bf16.cache_clear()
+    try:
+        assert not cpu.native_bf16()
+        monkeypatch.setattr(cpu, "cpu_flags", lambda: frozenset({"avx2", "avx512f", "avx512_bf16"}))
+        cpu.native_bf16.cache_clear()
+        assert not cpu.native_bf16()  # torch dispatching AVX2 kernels only: no bf16 shortlist
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+        cpu.native_bf16.cache_clear()
+        assert cpu.native_bf16()
+    finally:
+        cpu.native_bf16.cache_clear()
+    bank = torch.randn(100, 8)
+    monkeypatch.setattr(astfad.memory, "native_bf16", lambda: False)
+    search = astfad.memory.NearestNeighbours(bank, "cosine")
+    assert isinstance(search._index, faiss.IndexFlatIP) and search._bank_bf16 is None
+    monkeypatch.setattr(astfad.memory, "native_bf16", lambda: True)
+    search = astfad.memory.NearestNeighbours(bank, "cosine")
+    assert search._index is None and search._bank_bf16 is not None

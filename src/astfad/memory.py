@@ -4,7 +4,8 @@ Two small swappable pieces, as in PatchCore: `greedy_coreset` picks the rows to 
 `NearestNeighbours` answers k-NN queries in chunks (faiss on the CPU, chunked matrix products on
 CUDA), so the full query x bank distance matrix never exists.
 
-Cosine search on a CPU with native bfloat16 matrix products shortlists candidates in bfloat16 and
+Cosine search on a CPU with native bfloat16 matrix products (decided from its capability flags,
+`runtime.cpu.native_bf16`; every other CPU uses faiss float32) shortlists candidates in bfloat16 and
 re-ranks them with exact float32 similarities (measured here: 20k queries against 33k rows of 384
 dims in 4.9 s, faiss float32 6.7 s). The nearest neighbour is missed only when bfloat16 rounding (about 0.4% of a
 similarity) pushes it out of a 16-candidate shortlist; the distance given is then that of a
@@ -21,30 +22,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from astfad.runtime.cpu import native_bf16
+
 METRICS = ("l2", "cosine")
 QUERY_CHUNK = 32768
 RERANK_CHUNK = 4096
 SHORTLIST = 16
-_BF16_FASTER: bool | None = None
-
-
-def bf16_is_faster() -> bool:
-    """Whether this CPU multiplies bfloat16 matrices clearly faster than float32 (measured once)."""
-    global _BF16_FASTER
-    if _BF16_FASTER is None:
-        import time
-
-        a, b = torch.rand(1024, 384), torch.rand(384, 8192)
-        timings = {}
-        for dtype in (torch.float32, torch.bfloat16):
-            x, y = a.to(dtype), b.to(dtype)
-            x @ y  # warm-up
-            start = time.perf_counter()
-            for _ in range(3):
-                x @ y
-            timings[dtype] = time.perf_counter() - start
-        _BF16_FASTER = timings[torch.bfloat16] * 1.5 < timings[torch.float32]
-    return _BF16_FASTER
 
 
 def greedy_coreset(features: torch.Tensor, size: int, projection_dim: int = 128, seed: int = 0,
@@ -91,7 +74,7 @@ class NearestNeighbours:
         self.bank = self._prepare(bank)
         self._index = None
         self._bank_bf16 = None
-        if self.device.type == "cpu" and metric == "cosine" and len(self.bank) > SHORTLIST and bf16_is_faster():
+        if self.device.type == "cpu" and metric == "cosine" and len(self.bank) > SHORTLIST and native_bf16():
             self._bank_bf16 = self.bank.to(torch.bfloat16)
         elif self.device.type == "cpu":
             data = np.ascontiguousarray(self.bank.numpy(), dtype=np.float32)

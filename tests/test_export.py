@@ -95,3 +95,52 @@ def test_graph_matches_predict_on_real_images(strategy, tmp_path):
     arrays = [load_image(p) for p in (test[0], test[-1])]
     det = Detector(strategy, rotate_references=False).fit(shots)
     assert_equivalent(det, arrays, tmp_path, real=True)
+
+
+# The README's "run an exported detector with ONNX Runtime alone" snippet, run as written.
+SNIPPET = '''
+import json
+import sys
+
+import numpy as np
+import onnxruntime as ort
+from PIL import Image, ImageOps
+
+folder, image_path = sys.argv[1], sys.argv[2]
+spec = json.load(open(f"{folder}/detector.json"))
+session = ort.InferenceSession(f"{folder}/detector.onnx", providers=["CPUExecutionProvider"])
+
+
+def resized(rgb, height, width):
+    """(3, height, width) float32 in [0, 1]: bilinear with antialiasing on each float channel."""
+    return np.stack([np.asarray(Image.fromarray(rgb[..., c].astype(np.float32) / 255, mode="F")
+                                .resize((width, height), Image.BILINEAR)) for c in range(3)])
+
+
+rgb = np.asarray(ImageOps.exif_transpose(Image.open(image_path)).convert("RGB"))
+feeds = {i["name"]: resized(rgb, *i["shape"][2:])[None] for i in spec["inputs"]}
+anomaly_map, score = session.run(["anomaly_map", "score"], feeds)
+heat = np.asarray(Image.fromarray(anomaly_map[0], mode="F").resize(rgb.shape[1::-1], Image.BILINEAR))
+mask = heat > spec["pixel_threshold"]
+print(float(score[0]), bool(score[0] > spec["threshold"]), int(mask.sum()))
+'''
+
+
+def test_readme_snippet_runs_without_astfad(tiny_backbones, parts, tmp_path):
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    det = Detector("fusion_add", **FAST).fit(parts["train"][:4])
+    export_detector(det, tmp_path / "export")
+    image = tmp_path / "part.png"
+    Image.fromarray(parts["test"][5]).save(image)
+    script = tmp_path / "snippet.py"
+    script.write_text("import sys\nsys.modules['astfad'] = None  # the snippet must not need astfad\n" + SNIPPET)
+    done = subprocess.run([sys.executable, str(script), str(tmp_path / "export"), str(image)],
+                          capture_output=True, text=True, check=True)
+    score, anomalous, pixels = done.stdout.split()
+    pred = det.predict([parts["test"][5]])[0]
+    assert abs(float(score) - pred.score) < 1e-3  # PIL's float resize equals torch's to ~1e-5
+    assert (anomalous == "True") == pred.is_anomalous

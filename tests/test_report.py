@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from astfad.report import (RESULT_COLUMNS, append_row, order_strategies, plot_results, read_results,
+from astfad.report import (RESULT_COLUMNS, VERDICT_COLUMNS, append_failure, append_row, check_appendable,
+                           read_failures, order_strategies, plot_results, read_results,
                            summarise, write_summary)
 
 
@@ -19,7 +20,8 @@ def make_row(category: str = "bottle", shots: int = 1, seed: int = 0, strategy: 
     row = dict(category=category, shots=shots, seed=seed, strategy=strategy,
                applied_strategy=applied or strategy, image_auroc=image_auroc, pixel_auroc=pixel_auroc,
                aupro=0.7, image_f1_max=0.6, pixel_f1_max=0.5, image_ap=0.85, pixel_ap=0.4,
-               fit_seconds=2.0, predict_seconds_per_image=0.05, shot_files="a.png;b.png")
+               fit_seconds=2.0, predict_seconds_per_image=0.05, shot_files="a.png;b.png",
+               **dict.fromkeys(VERDICT_COLUMNS, math.nan))
     row.update(extra)
     return row
 
@@ -212,3 +214,53 @@ def test_plots_are_valid_pngs(tmp_path, hand_rows):
         with Image.open(path) as image:
             width, height = image.size
             assert 600 <= width <= 3000 and 300 <= height <= 1500
+
+
+def test_an_older_file_without_verdict_columns_is_read_but_not_appended_to(tmp_path):
+    path = tmp_path / "results.csv"
+    append_row(path, make_row())
+    lines = path.read_text().splitlines()
+    keep = [i for i, c in enumerate(lines[0].split(",")) if c not in VERDICT_COLUMNS]
+    old = "".join(",".join(line.split(",")[i] for i in keep) + "\n" for line in lines)
+    path.write_text(old)
+    (row,) = read_results(path)
+    assert set(row) == set(RESULT_COLUMNS) and row["image_auroc"] == 0.9
+    assert all(math.isnan(row[c]) for c in VERDICT_COLUMNS)
+    for refuse in (lambda: append_row(path, make_row(seed=1)), lambda: check_appendable(path)):
+        with pytest.raises(ValueError, match=r"columns differ.*missing: verdict_fpr, .*pixel_fpr; unexpected: none"):
+            refuse()
+    assert path.read_text() == old
+
+
+def test_failures_round_trip(tmp_path):
+    path = tmp_path / "failed.csv"
+    append_failure(path, "cable", 4, 1, "ImageLoadError: cannot read image 'a,b.png':\n truncated file")
+    append_failure(path, "cable", 4, 2, "WorkerCrashedError: the worker died")
+    with open(path, "a") as f:
+        f.write("cable,4,3,Wor")  # cut by a crash
+    with pytest.warns(RuntimeWarning, match="unfinished"):
+        failures = read_failures(path)
+    assert failures == [
+        {"category": "cable", "shots": 4, "seed": 1, "reason": "ImageLoadError: cannot read image 'a,b.png': truncated file"},
+        {"category": "cable", "shots": 4, "seed": 2, "reason": "WorkerCrashedError: the worker died"}]
+    assert path.read_text().count("\n") == 3
+
+
+def test_summary_verdict_table_and_failed_cells(tmp_path, hand_rows):
+    verdicts = {"verdict_fpr": 0.02, "verdict_recall": 0.8, "verdict_f1": 0.85, "verdict_balanced_accuracy": 0.89,
+                "mask_iou": 0.4, "mask_dice": 0.55, "pixel_fpr": 0.0012}
+    rows = [{**r, **(verdicts if r["strategy"] == "auto" else {})} for r in hand_rows]
+    for r in rows:
+        if r["strategy"] == "auto" and r["seed"] == 2:
+            r["verdict_fpr"] = 0.05
+    failures = [{"category": "cable", "shots": 4, "seed": 3, "reason": "ImageLoadError: cannot read 'x.png'"}]
+    text = write_summary(rows, tmp_path, failures=failures).read_text()
+    assert "**1 cell(s) failed**" in text
+    table = section(text, "## Verdicts at the fitted thresholds", "### 4-shot")
+    assert table_row(table, "auto")[1:] == [pct([0.02, 0.02, 0.05]), "80.0 ± 0.0", "85.0 ± 0.0", "89.0 ± 0.0",
+                                            "40.0 ± 0.0", "55.0 ± 0.0", "0.12 ± 0.00"]
+    with pytest.raises(AssertionError):
+        table_row(table, "texture")  # no thresholds of its own: left out, not shown as zeros
+    failed = section(text, "## Failed cells")
+    assert table_row(failed, "cable") == ["cable", "4", "3", "ImageLoadError: cannot read 'x.png'"]
+    assert "Failed cells" not in write_summary(rows, tmp_path / "ok").read_text()

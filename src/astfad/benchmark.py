@@ -1,34 +1,51 @@
 """Benchmark: dataset x shots x seeds x strategies -> one results row per cell.
 
 One protocol for every cell (same grids, upsampling, blur, image-score rule and metric grid), so
-only the strategy differs. Per category, each image passes each backbone once: the feature cache
-is shared by every (shots, seed) detector, and one fitted detector scores every strategy of its
-(shots, seed) from the same expert maps. Finished cells are appended to results.csv at once; a
-rerun with the same configuration skips them, and a failing cell is logged and skipped.
+only the strategy differs. The work comes in two steps, each a plain function so that any
+executor can run it:
+
+- `prepare_category` (once per category): the test set's labels and masks, and the features of
+  every test image and every sampled shot, each image through each backbone once;
+- `run_cell` (once per (category, shots, seed)): fits one detector on the sampled shots and
+  scores every strategy from the same expert maps; it returns its rows (and panels) rather than
+  writing them. Every cell starts from the same prepared features, so a cell's numbers do not
+  depend on which cells ran before it, nor where.
+
+`LocalExecutor` runs them in this process; `astfad.distributed.RayExecutor` runs them as Ray
+tasks. Either way only `Benchmark`, the driver, writes: finished rows are appended to
+results.csv at once, a cell that cannot run goes to failed.csv (and summary.md's "Failed cells"
+table), panels are written to a temporary name and renamed. A rerun with the same configuration
+(run.json) skips finished cells, retries failed ones and redraws missing or damaged panels.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import math
 import statistics
+import subprocess
 import time
 import traceback
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from astfad import __version__
 from astfad.config import DetectorConfig, experts_of, grid_for, parse_strategy
 from astfad.data.datasets import Category, Sample, sample_shots, scan_dataset
-from astfad.data.images import ImageLoadError, image_size, load_image, load_mask
-from astfad.detector import Detector
-from astfad.metrics import evaluate
-from astfad.report import RESULT_COLUMNS, append_row, plot_results, read_results, write_summary
+from astfad.data.images import ImageLoadError, image_size, load_image, load_mask, write_atomically
+from astfad.detector import Detector, family_of, image_key
+from astfad.features import FeatureCache
+from astfad.metrics import evaluate, verdict_metrics
+from astfad.report import (RESULT_COLUMNS, append_failure, append_row, check_appendable, plot_results,
+                           read_failures, read_results, write_summary)
 from astfad.scoring import mask_to_grid
 from astfad.selection import load_pinned, pinned_strategy
 from astfad.visualize import zscore_panel
@@ -37,6 +54,7 @@ FIXED_STRATEGIES = ("texture", "semantic", "semantic_adapter", "fusion_add", "fu
                     "fusion_weighted_sum:0.3", "fusion_weighted_sum:0.5", "fusion_weighted_sum:0.7")
 PANEL_EXPERTS = ("texture", "semantic", "semantic_adapter")
 EXTRACT_CHUNK = 16
+PANEL_MANIFEST = "panels.json"
 
 
 @dataclass
@@ -57,9 +75,31 @@ class BenchmarkSpec:
 
     def identity(self) -> dict[str, Any]:
         """What must match for a rerun to reuse finished cells: everything that changes a
-        cell's numbers (config, sampling, pinned map, data), not the list of cells."""
+        cell's numbers (config, sampling, pinned map, data, the code), not the list of cells.
+        The backbones' weight ids are added by `Benchmark`, which loads them."""
         return {"data": str(Path(self.data).resolve()), "layout": self.layout, "sampling": self.sampling,
-                "pinned": self.pinned, "config": DetectorConfig(**self.config).to_dict()}
+                "pinned": self.pinned, "config": DetectorConfig(**self.config).to_dict(),
+                "astfad_version": __version__, "git_commit": git_commit()}
+
+
+def git_commit() -> str | None:
+    """The commit of the astfad source tree when it is a git checkout (with `-dirty` when its
+    tracked files under src/astfad differ from it), else None."""
+    package = Path(__file__).resolve().parent
+
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(["git", "-C", str(package), *args], capture_output=True, text=True,
+                                  timeout=30)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    if not commit:
+        return None
+    dirty = git("status", "--porcelain", "--untracked-files=no", "--", ".")
+    return commit + ("-dirty" if dirty else "")
 
 
 @dataclass
@@ -67,7 +107,7 @@ class TestSet:
     """A category's test images, decoded once, with masks on the evaluation grid."""
 
     samples: list[Sample]
-    images: list[np.ndarray]
+    images: list[np.ndarray]  # empty once the features are extracted (see `prepare_category`)
     keys: list[str]
     masks: np.ndarray  # (N, H, W) bool on the evaluation grid
     labels: np.ndarray
@@ -82,6 +122,12 @@ class TestSet:
         v = self.pixel_valid
         pixel = evaluate(self.labels[v], scores[v], self.masks[v], maps[v])
         return {**out, **{k: pixel[k] for k in pixel if k.startswith("pixel") or k == "aupro"}}
+
+    def verdicts(self, scores: np.ndarray, maps: np.ndarray, threshold: float | None,
+                 pixel_threshold: float | None) -> dict[str, float]:
+        """Verdict and mask measures at fixed thresholds (anomalous images without a mask have
+        an empty one here, so the mask measures leave them out)."""
+        return verdict_metrics(self.labels, scores, threshold, self.masks, maps, pixel_threshold)
 
 
 def category_aspect(category: Category) -> float:
@@ -120,10 +166,6 @@ def load_test_set(category: Category, grid: tuple[int, int], log: Callable[[str]
                    np.array([s.label for s in samples]), np.array(valid, bool), skipped)
 
 
-def _cell_key(row: dict[str, Any]) -> tuple:
-    return row["category"], int(row["shots"]), int(row["seed"]), row["strategy"]
-
-
 def _needed_experts(strategies: Sequence[str], pinned: dict[str, str], category: str) -> set[str]:
     needed: set[str] = set()
     for strategy in strategies:
@@ -132,16 +174,294 @@ def _needed_experts(strategies: Sequence[str], pinned: dict[str, str], category:
     return needed
 
 
-class Benchmark:
-    """Runs a BenchmarkSpec; `run()` returns every row of results.csv (old and new)."""
+def fit_plan(strategies: Sequence[str], pinned: dict[str, str], category: str) -> tuple[str, list[str]]:
+    """The strategy one detector is fitted with, and the further experts it fits, so that it can
+    score every strategy of a cell (auto's selection runs only when auto is benchmarked)."""
+    needed = _needed_experts([s for s in strategies if s != "auto"], pinned, category)
+    fit_strategy = "auto" if "auto" in strategies else "texture" if "texture" in needed else "semantic"
+    return fit_strategy, sorted(needed)
 
-    def __init__(self, spec: BenchmarkSpec, log: Callable[[str], None] = print, progress: bool = True) -> None:
+
+def plan_families(strategies: Sequence[str], pinned: dict[str, str], category: str) -> list[str]:
+    """The backbone families a category's detectors read."""
+    fit_strategy, also = fit_plan(strategies, pinned, category)
+    return sorted({family_of(e) for e in (*experts_of(fit_strategy), *also)})
+
+
+def strategy_thresholds(det: Detector, strategy: str, applied: str) -> tuple[float | None, float | None]:
+    """(image, pixel) thresholds fitted for a benchmarked strategy, or (None, None).
+
+    A detector with per-strategy thresholds (`threshold_for` / `pixel_threshold_for`) gives them
+    for every strategy it has a threshold model of; otherwise only the strategy the detector was fitted for (`auto` itself when
+    auto is benchmarked) has thresholds. Taking a fixed strategy's from an auto fit only when auto
+    happened to choose it would average its verdicts over a biased subset of cells."""
+    image_for = getattr(det, "threshold_for", None)
+    pixel_for = getattr(det, "pixel_threshold_for", None)
+    if image_for is not None and pixel_for is not None:
+        try:
+            return image_for(strategy=applied), pixel_for(strategy=applied)
+        except ValueError:  # the detector has no threshold model for this strategy
+            return None, None
+    if strategy == det.config.strategy:
+        return det.threshold, det.pixel_threshold
+    return None, None
+
+
+# ----------------------------------------------------------------------------- work units
+
+@dataclass(frozen=True)
+class Cell:
+    """One (shots, seed) of a category: one fitted detector scores every strategy."""
+
+    shots: int
+    seed: int
+    panels: bool = False  # also draw the category's comparison panels
+
+
+@dataclass
+class CategoryJob:
+    """What a worker needs to run a category's cells: paths and settings, no pixels."""
+
+    category: Category
+    cells: list[Cell]
+    strategies: tuple[str, ...]
+    config: dict[str, Any]
+    sampling: str
+    pinned: dict[str, str]
+    panels_per_type: int
+    backbones: dict[str, str]  # family -> the backbone id the driver loaded
+    version: str = __version__
+    progress: bool = False  # feature-extraction progress bars (local runs)
+
+    @property
+    def name(self) -> str:
+        return self.category.name
+
+
+@dataclass
+class CategoryData:
+    """What every cell of a category shares, computed once by `prepare_category`."""
+
+    job: CategoryJob
+    config: dict[str, Any]  # the job's config with the category's aspect ratio
+    tests: TestSet  # without decoded images: a cell that draws panels reloads its few
+    features: dict[str, torch.Tensor]  # family -> (N, C, h, w) features of the test images
+    shot_cache: FeatureCache  # features of every shot any cell samples
+    feature_seconds: dict[str, float]  # family -> backbone seconds per image (uncached)
+
+
+@dataclass
+class CellResult:
+    """A cell's rows (every strategy of the job) and panels (file name -> PNG bytes), or why it
+    could not run."""
+
+    category: str
+    shots: int
+    seed: int
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    panels: dict[str, bytes] | None = None
+    error: str | None = None
+    detail: str = ""  # a traceback, for benchmark.log
+
+
+def failed_cell(job: CategoryJob, cell: Cell, error: str, detail: str = "") -> CellResult:
+    return CellResult(job.name, cell.shots, cell.seed, error=error, detail=detail)
+
+
+def _extract(det: Detector, images: Sequence[np.ndarray], keys: Sequence[str], families: Sequence[str],
+             progress: bool) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """Features of every family, in chunks; with the backbone seconds per image."""
+    out, seconds = {}, {}
+    for family in families:
+        start = time.perf_counter()
+        chunks = []
+        for i in tqdm(range(0, len(images), EXTRACT_CHUNK), desc=f"{family} features", unit="batch",
+                      leave=False, disable=not progress):
+            sl = slice(i, i + EXTRACT_CHUNK)
+            chunks.append(det.features(family, images[sl], keys[sl]))
+        out[family] = torch.cat(chunks)
+        seconds[family] = (time.perf_counter() - start) / max(1, len(images))
+    return out, seconds
+
+
+def prepare_category(job: CategoryJob) -> tuple[list[str], CategoryData]:
+    """Decode the test set and extract the features every cell needs, each image through each
+    backbone once: the test images (timed, for the rows' predict time) and the union of the shots
+    the cells sample. A shot that does not decode is left out here; the cells that sample it fail
+    and name it. Returns log messages and the data."""
+    messages: list[str] = []
+    if job.version != __version__:
+        raise RuntimeError(f"this worker runs astfad {__version__}, the driver {job.version}: "
+                           "install the same astfad on every node")
+    category = job.category
+    aspect = category_aspect(category)
+    config = {**job.config, "aspect_ratio": aspect}
+    grid = grid_for(DetectorConfig(**config).eval_size, aspect, 1)
+    tests = load_test_set(category, grid, lambda m: messages.append(m))
+    if not tests.samples:
+        raise ValueError(f"no readable test image in category '{category.name}'")
+    if len(set(tests.labels.tolist())) < 2:
+        messages.append(f"{category.name}: the test set needs normal and anomalous images; metrics will be NaN")
+    det = Detector(cache={}, **config)
+    det.aspect = aspect
+    families = plan_families(job.strategies, job.pinned, category.name)
+    for family in families:
+        found = det.featurizer(family).backbone.backbone_id
+        if job.backbones.get(family, found) != found:
+            raise RuntimeError(f"this worker loads backbone {found}, the driver {job.backbones[family]}: "
+                               "install the same weights on every node")
+    features, seconds = _extract(det, tests.images, tests.keys, families, job.progress)
+    det.cache.clear()  # the cells take test features from `features`; the cache keeps the shots'
+    shots = sorted({s.path for cell in job.cells
+                    for s in sample_shots(category.train, cell.shots, cell.seed, job.sampling)}, key=str)
+    arrays, keys = [], []
+    for path in shots:
+        try:
+            arrays.append(load_image(path))
+            keys.append(image_key(path))
+        except ImageLoadError:
+            continue  # the cells sampling it fail with the loader's message
+    if arrays:
+        _extract(det, arrays, keys, families, False)
+    data = CategoryData(job, config, replace(tests, images=[]), features, det.cache, seconds)
+    return messages, data
+
+
+def run_cell(data: CategoryData, cell: Cell) -> CellResult:
+    """Fit one detector on the cell's shots and score every strategy of the job; never raises
+    for the cell's own failures (they come back as the result's error)."""
+    try:
+        rows, panels = _cell_rows(data, cell)
+    except Exception as exc:  # a failing cell must not stop the others
+        return failed_cell(data.job, cell, f"{type(exc).__name__}: {exc}", traceback.format_exc())
+    return CellResult(data.job.name, cell.shots, cell.seed, rows, panels)
+
+
+def _cell_rows(data: CategoryData, cell: Cell) -> tuple[list[dict[str, Any]], dict[str, bytes] | None]:
+    job, tests = data.job, data.tests
+    name = job.name
+    train = sample_shots(job.category.train, cell.shots, cell.seed, job.sampling)
+    fit_strategy, also = fit_plan(job.strategies, job.pinned, name)
+    det = Detector(fit_strategy, cache=dict(data.shot_cache), seed=cell.seed, **data.config)
+    det.fit([s.path for s in train], also=also)
+    feats = {f: data.features[f] for f in det.families("all")}
+    n = max(1, len(tests.samples))
+    expert_maps, expert_seconds = {}, {}
+    for expert in det.experts:
+        start = time.perf_counter()
+        expert_maps[expert] = det.expert_maps(feats, experts=[expert])[expert]
+        expert_seconds[expert] = (time.perf_counter() - start) / n
+    # the shots' backbone passes were made once for the category: count them as a cold fit would
+    fit_seconds = det.fit_seconds + len(train) * sum(data.feature_seconds[f] for f in feats)
+    shot_files = ";".join(s.path.name for s in train)
+    rows = []
+    for strategy in job.strategies:
+        applied = det.strategy if strategy == "auto" else \
+            pinned_strategy(name, job.pinned) if strategy == "preset" else strategy
+        start = time.perf_counter()
+        maps = det.combine(applied, expert_maps)
+        scores = det.scores(applied, maps, feats.get("texture"))
+        # what predicting this strategy alone costs: its backbones (timed cold), its experts, the rest
+        per_image = ((time.perf_counter() - start) / n + sum(expert_seconds[e] for e in experts_of(applied))
+                     + sum(data.feature_seconds[f] for f in det.families(applied)))
+        scores_np, maps_np = scores.numpy(), maps.numpy()
+        row = {"category": name, "shots": cell.shots, "seed": cell.seed, "strategy": strategy,
+               "applied_strategy": applied, **tests.metrics(scores_np, maps_np),
+               **tests.verdicts(scores_np, maps_np, *strategy_thresholds(det, strategy, applied)),
+               "fit_seconds": fit_seconds, "predict_seconds_per_image": per_image, "shot_files": shot_files}
+        rows.append({k: row[k] for k in RESULT_COLUMNS})
+    panels = _panels(data, det, expert_maps, feats) if cell.panels else None
+    return rows, panels
+
+
+def _panels(data: CategoryData, det: Detector, expert_maps: dict[str, torch.Tensor],
+            feats: dict[str, torch.Tensor]) -> dict[str, bytes]:
+    """image | truth | texture | semantic | semantic_adapter | applied, all in units of their
+    own normal statistics (z-scores), so one colour scale is fair to every column. PNG bytes by
+    file name: the driver writes them."""
+    tests, name = data.tests, data.job.name
+    applied_map = det.combine(det.strategy, expert_maps)
+    scores = det.scores(det.strategy, applied_map, feats.get("texture"))
+    by_type: dict[str, list[int]] = {}
+    for i, sample in enumerate(tests.samples):
+        by_type.setdefault(sample.defect_type, []).append(i)
+    out = {}
+    for defect, indices in sorted(by_type.items()):
+        for i in indices[: data.job.panels_per_type]:
+            sample = tests.samples[i]
+            maps = det.display_maps({n: expert_maps[n][i] for n in PANEL_EXPERTS if n in expert_maps},
+                                    applied_map[i])
+            truth = tests.masks[i] if tests.labels[i] else None
+            title = (f"{name} / {defect} / {sample.path.name}  "
+                     f"score {float(scores[i]):.3g} (threshold {det.threshold:.3g})")
+            figure = zscore_panel(load_image(sample.path), {k: v.numpy() for k, v in maps.items()}, truth, title)
+            buffer = io.BytesIO()
+            figure.savefig(buffer, format="png")
+            out[f"{defect}_{sample.path.stem}.png"] = buffer.getvalue()
+    return out
+
+
+# ----------------------------------------------------------------------------- executors
+
+class Executor(Protocol):
+    """Runs every cell of the jobs and hands each CellResult to `on_result` in the calling
+    process, as it finishes."""
+
+    def run(self, jobs: Sequence[CategoryJob], log: Callable[[str], None],
+            on_result: Callable[[CellResult], None]) -> None: ...
+
+
+class LocalExecutor:
+    """Categories one after another in this process, with feature-extraction progress bars."""
+
+    def run(self, jobs: Sequence[CategoryJob], log: Callable[[str], None],
+            on_result: Callable[[CellResult], None]) -> None:
+        for job in jobs:
+            try:
+                messages, data = prepare_category(job)
+            except Exception as exc:
+                reason = f"preparing the category failed: {type(exc).__name__}: {exc}"
+                detail = traceback.format_exc()
+                for cell in job.cells:
+                    on_result(failed_cell(job, cell, reason, detail))
+                continue
+            for message in messages:
+                log(message)
+            for cell in job.cells:
+                on_result(run_cell(data, cell))
+
+
+# ----------------------------------------------------------------------------- the driver
+
+def _write_atomic(path: Path, payload: bytes) -> None:
+    """Whole or not at all, synced: a crash leaves the old file or the new one, never a cut one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomically(path, lambda tmp: tmp.write_bytes(payload), sync=True)
+
+
+def _digest(payload: bytes) -> str:
+    return hashlib.sha256(payload).hexdigest()
+
+
+def _cell_key(row: dict[str, Any]) -> tuple:
+    return row["category"], int(row["shots"]), int(row["seed"]), row["strategy"]
+
+
+class Benchmark:
+    """Runs a BenchmarkSpec; `run()` returns every row of results.csv (old and new) and leaves
+    the cells that could not run in `failures`."""
+
+    def __init__(self, spec: BenchmarkSpec, log: Callable[[str], None] = print, progress: bool = True,
+                 executor: Executor | None = None) -> None:
         self.spec = spec
         self.log_fn = log
         self.progress = progress
+        self.executor = executor if executor is not None else LocalExecutor()
         self.out = Path(spec.out)
         self.results = self.out / "results.csv"
+        self.failed = self.out / "failed.csv"
         self.pinned = load_pinned(spec.pinned)
+        self.failures: list[dict[str, Any]] = []
         for strategy in spec.strategies:
             if strategy != "preset":
                 parse_strategy(strategy)
@@ -150,136 +470,119 @@ class Benchmark:
 
     def log(self, message: str) -> None:
         self.log_fn(message)
+        self._log_file(message)
+
+    def _log_file(self, message: str) -> None:
         with open(self.out / "benchmark.log", "a") as handle:
             handle.write(time.strftime("%Y-%m-%d %H:%M:%S ") + message + "\n")
 
-    def _check_out(self) -> None:
-        """Refuse to mix results of another configuration into an existing folder."""
+    def _scan(self) -> list[Category]:
+        """The dataset, checked before anything is written to --out."""
+        categories = scan_dataset(self.spec.data, self.spec.layout, self.spec.categories)
+        if not categories:
+            raise ValueError(f"no category found in '{self.spec.data}'")
+        return categories
+
+    def _backbones(self, categories: Sequence[Category]) -> dict[str, str]:
+        families = sorted({f for c in categories for f in plan_families(self.spec.strategies, self.pinned, c.name)})
+        probe = Detector(**self.spec.config)
+        return {f: probe.featurizer(f).backbone.backbone_id for f in families}
+
+    def _check_out(self, backbones: dict[str, str]) -> None:
+        """Refuse to mix results of another configuration (or code, or weights) into an existing
+        folder, or rows of another format into its results.csv."""
         self.out.mkdir(parents=True, exist_ok=True)
         run_file = self.out / "run.json"
-        identity = json.loads(json.dumps(self.spec.identity()))  # tuples compare as JSON lists
+        identity = json.loads(json.dumps({**self.spec.identity(), "backbones": backbones}))
         if run_file.exists():
             previous = json.loads(run_file.read_text())
             if previous != identity:
-                changed = sorted(k for k in identity if previous.get(k) != identity[k])
+                changed = sorted(k for k in identity.keys() | previous.keys() if previous.get(k) != identity.get(k))
                 raise ValueError(f"'{self.out}' holds results of another configuration (differs in: "
                                  f"{', '.join(changed)}); choose another --out")
         else:
-            run_file.write_text(json.dumps(identity, indent=2))
+            _write_atomic(run_file, json.dumps(identity, indent=2).encode())
+        check_appendable(self.results)
+
+    def _panels_ok(self, category: str) -> bool:
+        """True when the category's panels were all written and none was damaged since."""
+        folder = self.out / "panels" / category
+        try:
+            manifest = json.loads((folder / PANEL_MANIFEST).read_text())
+            return all(_digest((folder / name).read_bytes()) == digest for name, digest in manifest.items())
+        except (OSError, ValueError, AttributeError):
+            return False
+
+    def _write_panels(self, category: str, panels: dict[str, bytes]) -> None:
+        folder = self.out / "panels" / category
+        for name, payload in panels.items():
+            _write_atomic(folder / name, payload)
+        _write_atomic(folder / PANEL_MANIFEST,
+                      json.dumps({n: _digest(p) for n, p in panels.items()}, indent=1).encode())
 
     def run(self) -> list[dict[str, Any]]:
-        self._check_out()
+        categories = self._scan()
+        backbones = self._backbones(categories)
+        self._check_out(backbones)
         finished = {_cell_key(r) for r in read_results(self.results)} if self.results.exists() else set()
-        categories = scan_dataset(self.spec.data, self.spec.layout, self.spec.categories)
-        cells = [(c, k, s, st) for c in categories for k in self.spec.shots for s in self.spec.seeds
-                 for st in self.spec.strategies]
-        todo = [cell for cell in cells if (cell[0].name, cell[1], cell[2], cell[3]) not in finished]
-        self.log(f"{len(cells)} cells, {len(cells) - len(todo)} already finished, {len(todo)} to run")
-        bar = tqdm(total=len(todo), desc="cells", unit="cell", disable=not self.progress)
+        strategies = tuple(self.spec.strategies)
+        panel_cell = (max(self.spec.shots), self.spec.seeds[0])
+        pending: dict[tuple[str, int, int], list[str]] = {}
+        jobs = []
         for category in categories:
-            mine = [c for c in todo if c[0] is category]
-            if not mine:
+            cells = []
+            for shots in self.spec.shots:
+                for seed in self.spec.seeds:
+                    missing = [s for s in strategies if (category.name, shots, seed, s) not in finished]
+                    panels = (shots, seed) == panel_cell and self.spec.panels_per_type > 0 \
+                        and not self._panels_ok(category.name)
+                    if missing or panels:
+                        pending[(category.name, shots, seed)] = missing
+                        cells.append(Cell(shots, seed, panels))
+            if not cells:
                 continue
             for problem in category.problems:
                 self.log(f"{category.name}: {problem}")
-            try:
-                self._run_category(category, mine, bar)
-            except Exception as exc:  # a broken category must not stop the others
-                self.log(f"{category.name}: FAILED: {type(exc).__name__}: {exc}")
-                self.log(traceback.format_exc())
-                bar.update(len(mine))
+            jobs.append(CategoryJob(category, cells, strategies, dict(self.spec.config), self.spec.sampling,
+                                    self.pinned, self.spec.panels_per_type, backbones,
+                                    progress=self.progress))
+        total = len(categories) * len(self.spec.shots) * len(self.spec.seeds) * len(strategies)
+        todo = sum(len(m) for m in pending.values())
+        self.log(f"{total} cells, {total - todo} already finished, {todo} to run")
+        bar = tqdm(total=todo, desc="cells", unit="cell", disable=not self.progress)
+
+        def on_result(result: CellResult) -> None:
+            key = (result.category, result.shots, result.seed)
+            missing = pending.pop(key)
+            where = f"{result.category} shots={result.shots} seed={result.seed}"
+            if result.error is not None:
+                self.log(f"{where}: FAILED: {result.error}")
+                if result.detail:
+                    self._log_file(result.detail)
+                append_failure(self.failed, *key, result.error)
+            else:
+                for row in result.rows:
+                    if row["strategy"] in missing:
+                        append_row(self.results, row)
+                if result.panels is not None:
+                    self._write_panels(result.category, result.panels)
+            bar.update(len(missing))
+
+        self.executor.run(jobs, self.log, on_result)
         bar.close()
-        return read_results(self.results) if self.results.exists() else []
+        rows = read_results(self.results) if self.results.exists() else []
+        self.failures = self._open_failures(categories, rows)
+        return rows
 
-    def _run_category(self, category: Category, cells: list[tuple], bar: tqdm) -> None:
-        aspect = category_aspect(category)
-        config = {**self.spec.config, "aspect_ratio": aspect}
-        grid = grid_for(DetectorConfig(**config).eval_size, aspect, 1)
-        tests = load_test_set(category, grid, self.log)
-        if len(tests.samples) == 0 or len(set(tests.labels.tolist())) < 2:
-            self.log(f"{category.name}: the test set needs normal and anomalous images; metrics will be NaN")
-        cache: dict = {}
-        feature_seconds: dict[str, float] = {}
-        for shots in self.spec.shots:
-            for seed in self.spec.seeds:
-                strategies = [c[3] for c in cells if c[1] == shots and c[2] == seed]
-                if not strategies:
-                    continue
-                try:
-                    self._run_cell(category, shots, seed, strategies, config, tests, cache, feature_seconds)
-                except Exception as exc:
-                    self.log(f"{category.name} shots={shots} seed={seed}: FAILED: {type(exc).__name__}: {exc}")
-                    self.log(traceback.format_exc())
-                bar.update(len(strategies))
-
-    def _extract(self, det: Detector, tests: TestSet, feature_seconds: dict[str, float]) -> dict[str, torch.Tensor]:
-        """Test features for every family, first time timed per image (uncached), then cached."""
-        out: dict[str, torch.Tensor] = {}
-        for family in det.families("all"):
-            start = time.perf_counter()
-            cold = family not in feature_seconds
-            chunks = []
-            desc = f"{family} features"
-            for i in tqdm(range(0, len(tests.images), EXTRACT_CHUNK), desc=desc, unit="batch",
-                          leave=False, disable=not (self.progress and cold)):
-                sl = slice(i, i + EXTRACT_CHUNK)
-                chunks.append(det.features(family, tests.images[sl], tests.keys[sl]))
-            out[family] = torch.cat(chunks)
-            if cold:
-                feature_seconds[family] = (time.perf_counter() - start) / max(1, len(tests.images))
-        return out
-
-    def _run_cell(self, category: Category, shots: int, seed: int, strategies: list[str],
-                  config: dict[str, Any], tests: TestSet, cache: dict, feature_seconds: dict[str, float]) -> None:
-        train = sample_shots(category.train, shots, seed, self.spec.sampling)
-        needed = _needed_experts([s for s in strategies if s != "auto"], self.pinned, category.name)
-        fit_strategy = "auto" if "auto" in strategies else "texture" if "texture" in needed else "semantic"
-        det = Detector(fit_strategy, cache=cache, seed=seed, **config)
-        det.fit([s.path for s in train], also=sorted(needed))
-        feats = self._extract(det, tests, feature_seconds)
-        n = max(1, len(tests.images))
-        expert_maps, expert_seconds = {}, {}
-        for name in det.experts:
-            start = time.perf_counter()
-            expert_maps[name] = det.expert_maps(feats, experts=[name])[name]
-            expert_seconds[name] = (time.perf_counter() - start) / n
-        shot_files = ";".join(s.path.name for s in train)
-        for strategy in strategies:
-            applied = det.strategy if strategy == "auto" else \
-                pinned_strategy(category.name, self.pinned) if strategy == "preset" else strategy
-            start = time.perf_counter()
-            maps = det.combine(applied, expert_maps)
-            scores = det.scores(applied, maps, feats.get("texture"))
-            # what predicting this strategy alone costs: its backbones (timed cold), its experts, the rest
-            per_image = ((time.perf_counter() - start) / n + sum(expert_seconds[e] for e in experts_of(applied))
-                         + sum(feature_seconds.get(f, 0.0) for f in det.families(applied)))
-            metrics = tests.metrics(scores.numpy(), maps.numpy())
-            row = {"category": category.name, "shots": shots, "seed": seed, "strategy": strategy,
-                   "applied_strategy": applied, **metrics, "fit_seconds": det.fit_seconds,
-                   "predict_seconds_per_image": per_image, "shot_files": shot_files}
-            append_row(self.results, {k: row[k] for k in RESULT_COLUMNS})
-        if seed == self.spec.seeds[0] and shots == max(self.spec.shots):
-            self._panels(category, det, tests, expert_maps, feats)
-
-    def _panels(self, category: Category, det: Detector, tests: TestSet,
-                expert_maps: dict[str, torch.Tensor], feats: dict[str, torch.Tensor]) -> None:
-        """image | truth | texture | semantic | semantic_adapter | applied, all in units of their
-        own normal statistics (z-scores), so one colour scale is fair to every column."""
-        applied_map = det.combine(det.strategy, expert_maps)
-        scores = det.scores(det.strategy, applied_map, feats.get("texture"))
-        by_type: dict[str, list[int]] = {}
-        for i, sample in enumerate(tests.samples):
-            by_type.setdefault(sample.defect_type, []).append(i)
-        folder = self.out / "panels" / category.name
-        for defect, indices in sorted(by_type.items()):
-            for i in indices[: self.spec.panels_per_type]:
-                maps = det.display_maps({n: expert_maps[n][i] for n in PANEL_EXPERTS if n in expert_maps},
-                                        applied_map[i])
-                truth = tests.masks[i] if tests.labels[i] else None
-                title = (f"{category.name} / {defect} / {tests.samples[i].path.name}  "
-                         f"score {float(scores[i]):.3g} (threshold {det.threshold:.3g})")
-                zscore_panel(tests.images[i], {k: v.numpy() for k, v in maps.items()}, truth, title,
-                             folder / f"{defect}_{tests.samples[i].path.stem}.png")
+    def _open_failures(self, categories: Sequence[Category], rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The latest failure of each cell of this spec that still lacks rows."""
+        if not self.failed.exists():
+            return []
+        done = {_cell_key(r) for r in rows}
+        cells = {(c.name, k, s) for c in categories for k in self.spec.shots for s in self.spec.seeds}
+        latest = {(f["category"], f["shots"], f["seed"]): f for f in read_failures(self.failed)}
+        return [f for key, f in latest.items() if key in cells
+                and any((*key, s) not in done for s in self.spec.strategies)]
 
 
 def oracle_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -301,7 +604,7 @@ def oracle_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def write_reports(out: Path, rows: list[dict[str, Any]]) -> list[Path]:
-    """summary.md (with the oracle rows) and the plots."""
+def write_reports(out: Path, rows: list[dict[str, Any]], failures: Sequence[dict[str, Any]] = ()) -> list[Path]:
+    """summary.md (with the oracle rows and the failed cells) and the plots."""
     everything = rows + oracle_rows(rows)
-    return [write_summary(everything, out), *plot_results(everything, out)]
+    return [write_summary(everything, out, failures=failures), *plot_results(everything, out)]

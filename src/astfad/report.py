@@ -2,8 +2,12 @@
 
 `results.csv` is written one finished cell (category, shots, seed, strategy) at a time by
 `append_row`, flushed and fsynced, so an interrupted benchmark keeps every finished cell and can
-resume from the file. `summarise` turns rows into seed statistics; `write_summary` and
-`plot_results` only render those statistics, so the tables and the figures always agree.
+resume from the file. Cells that could not run go to `failed.csv` the same way (`append_failure`).
+`summarise` turns rows into seed statistics; `write_summary` and `plot_results` only render those
+statistics, so the tables and the figures always agree.
+
+Files written by an older astfad, without the columns added since (the verdict columns), are
+still read (the missing values are NaN) but never appended to, so one file never mixes formats.
 
 Aggregation rule used everywhere: a per-category value is the mean ± sample std (ddof=1) over
 seeds; an all-category value is, for each seed, the mean over categories (NaN metrics skipped),
@@ -30,30 +34,46 @@ from matplotlib import colormaps
 from matplotlib.figure import Figure
 from matplotlib.ticker import NullLocator
 
+from astfad.metrics import VERDICT_KEYS
+
 __all__ = [
     "RESULT_COLUMNS",
     "METRIC_COLUMNS",
+    "VERDICT_COLUMNS",
+    "FAILURE_COLUMNS",
     "Stat",
     "Summary",
     "append_row",
     "read_results",
+    "check_appendable",
+    "append_failure",
+    "read_failures",
     "order_strategies",
     "summarise",
     "write_summary",
     "plot_results",
 ]
 
+# the decisions at the fitted thresholds (metrics.verdict_metrics), NaN where a strategy has none
+VERDICT_COLUMNS: tuple[str, ...] = VERDICT_KEYS
 RESULT_COLUMNS: tuple[str, ...] = (
     "category", "shots", "seed", "strategy", "applied_strategy",
     "image_auroc", "pixel_auroc", "aupro", "image_f1_max", "pixel_f1_max", "image_ap", "pixel_ap",
+    *VERDICT_COLUMNS,
     "fit_seconds", "predict_seconds_per_image", "shot_files",
 )
 METRIC_COLUMNS: tuple[str, ...] = (
     "image_auroc", "pixel_auroc", "aupro", "image_f1_max", "pixel_f1_max", "image_ap", "pixel_ap",
+    *VERDICT_COLUMNS,
 )
+FAILURE_COLUMNS: tuple[str, ...] = ("category", "shots", "seed", "reason")
 _INT_COLUMNS = ("shots", "seed")
 _FLOAT_COLUMNS = METRIC_COLUMNS + ("fit_seconds", "predict_seconds_per_image")
 _TABLE_METRICS = {"image_auroc": "Image AUROC", "pixel_auroc": "Pixel AUROC", "aupro": "AUPRO"}
+_VERDICT_TABLE = {"verdict_fpr": ("FPR (good images)", 1), "verdict_recall": ("Recall (defective)", 1),
+                  "verdict_f1": ("F1", 1), "verdict_balanced_accuracy": ("Balanced accuracy", 1),
+                  "mask_iou": ("Mask IoU", 1), "mask_dice": ("Mask Dice", 1),
+                  "pixel_fpr": ("Pixel FPR (good images)", 2)}
 _FIXED_ORDER = ("texture", "semantic", "semantic_adapter", "fusion_add", "fusion_mul", "fusion_max")
 _NO_VALUE = "–"
 _DPI = 120
@@ -84,19 +104,20 @@ def _csv_line(fields: Sequence[str]) -> str:
 _HEADER_LINE = _csv_line(RESULT_COLUMNS)
 
 
-def append_row(path: Path, row: Mapping[str, Any]) -> None:
-    """Append one finished cell to results.csv, creating it with the header when new or empty.
+def _header_problem(path: Path, header: str, columns: Sequence[str]) -> str:
+    found = next(csv.reader([header]), [])
+    missing = [c for c in columns if c not in found]
+    unexpected = [c for c in found if c not in columns]
+    return (f"{path}: its columns differ from this astfad's (missing: {', '.join(missing) or 'none'}; "
+            f"unexpected: {', '.join(unexpected) or 'none'}; an older astfad wrote it?): "
+            "write to a new file (another --out) instead of appending")
 
-    The row must have exactly the `RESULT_COLUMNS` keys (`shot_files` may be a list of names).
-    The line is written in one call, then flushed and fsynced, so a crash loses nothing finished.
-    A last line without its newline (a write cut by a crash) is an unfinished row: it is dropped
-    before appending, since the benchmark recomputes that cell.
-    """
-    missing = [c for c in RESULT_COLUMNS if c not in row]
-    extra = [c for c in row if c not in RESULT_COLUMNS]
-    if missing or extra:
-        raise ValueError(f"result row does not match RESULT_COLUMNS: missing {missing}, unexpected {extra}")
-    line = _csv_line([_format_value(c, row[c]) for c in RESULT_COLUMNS]).encode()
+
+def _append_line(path: Path, columns: Sequence[str], line: bytes) -> None:
+    """Append one CSV line under `columns`' header, durably: a last line without its newline (a
+    write cut by a crash) is dropped first, a file with another header is refused, and the line
+    is written in one call, flushed and fsynced (the directory entry too when the file is new)."""
+    header = _csv_line(columns)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     created = not path.exists()
@@ -110,11 +131,11 @@ def append_row(path: Path, row: Mapping[str, Any]) -> None:
                 f.truncate(size)
         if size:
             f.seek(0)
-            if f.readline().decode() != _HEADER_LINE:
-                raise ValueError(f"{path}: its columns differ from RESULT_COLUMNS; "
-                                 "write to a new file instead of appending")
+            found = f.readline().decode()
+            if found != header:
+                raise ValueError(_header_problem(path, found, columns))
         else:
-            line = _HEADER_LINE.encode() + line
+            line = header.encode() + line
         f.write(line)
         f.flush()
         os.fsync(f.fileno())
@@ -126,6 +147,49 @@ def append_row(path: Path, row: Mapping[str, Any]) -> None:
             os.close(fd)
 
 
+def append_row(path: Path, row: Mapping[str, Any]) -> None:
+    """Append one finished cell to results.csv, creating it with the header when new or empty.
+
+    The row must have exactly the `RESULT_COLUMNS` keys (`shot_files` may be a list of names).
+    The line is written in one call, then flushed and fsynced, so a crash loses nothing finished.
+    A last line without its newline (a write cut by a crash) is an unfinished row: it is dropped
+    before appending, since the benchmark recomputes that cell. A file with other columns (an
+    older format) is refused: read it, but start a new one.
+    """
+    missing = [c for c in RESULT_COLUMNS if c not in row]
+    extra = [c for c in row if c not in RESULT_COLUMNS]
+    if missing or extra:
+        raise ValueError(f"result row does not match RESULT_COLUMNS: missing {missing}, unexpected {extra}")
+    _append_line(path, RESULT_COLUMNS, _csv_line([_format_value(c, row[c]) for c in RESULT_COLUMNS]).encode())
+
+
+def check_appendable(path: Path) -> None:
+    """Raise ValueError, before any work, when `append_row` would refuse this results.csv."""
+    path = Path(path)
+    if path.is_file() and path.stat().st_size:
+        with open(path, encoding="utf-8") as f:
+            found = f.readline()
+        if found != _HEADER_LINE:
+            raise ValueError(_header_problem(path, found, RESULT_COLUMNS))
+
+
+def append_failure(path: Path, category: str, shots: int, seed: int, reason: str) -> None:
+    """Record a (category, shots, seed) cell that could not run, as durably as a result row."""
+    fields = [category, str(int(shots)), str(int(seed)), " ".join(str(reason).split())]
+    _append_line(path, FAILURE_COLUMNS, _csv_line(fields).encode())
+
+
+def read_failures(path: Path) -> list[dict[str, Any]]:
+    """Rows of a failed.csv (latest record per cell last); an unfinished last line is skipped."""
+    records = _read_records(Path(path))
+    if not records:
+        return []
+    if tuple(records[0]) != FAILURE_COLUMNS:
+        raise ValueError(f"{path}: its columns differ from {', '.join(FAILURE_COLUMNS)}")
+    return [{"category": r[0], "shots": int(r[1]), "seed": int(r[2]), "reason": r[3]}
+            for r in records[1:] if len(r) == len(FAILURE_COLUMNS)]
+
+
 def _parse_value(column: str, text: str) -> Any:
     if column in _INT_COLUMNS:
         return int(text)
@@ -134,30 +198,42 @@ def _parse_value(column: str, text: str) -> Any:
     return text
 
 
-def read_results(path: Path) -> list[dict[str, Any]]:
-    """Rows of a results.csv: ints for shots/seed, floats for metrics and times (empty or `nan`
-    -> NaN), strings otherwise. A last line without newline, left by an interrupted write, is
-    skipped with a warning. A file whose header is not `RESULT_COLUMNS` raises ValueError."""
-    path = Path(path)
+def _read_records(path: Path) -> list[list[str]]:
+    """CSV records of a file; a last line without newline (an interrupted write) is skipped with
+    a warning."""
     text = path.read_text(encoding="utf-8")
     if text and not text.endswith("\n"):
         warnings.warn(f"{path}: ignoring an unfinished last line (interrupted write)", RuntimeWarning,
-                      stacklevel=2)
+                      stacklevel=3)
         text = text[: text.rfind("\n") + 1]
-    records = list(csv.reader(io.StringIO(text)))
+    return list(csv.reader(io.StringIO(text)))
+
+
+def read_results(path: Path) -> list[dict[str, Any]]:
+    """Rows of a results.csv: ints for shots/seed, floats for metrics and times (empty or `nan`
+    -> NaN), strings otherwise, every `RESULT_COLUMNS` key present. A last line without newline,
+    left by an interrupted write, is skipped with a warning. An older file that lacks some metric
+    or time columns reads with NaN there; any other header raises ValueError."""
+    path = Path(path)
+    records = _read_records(path)
     if not records:
         return []
-    if tuple(records[0]) != RESULT_COLUMNS:
+    header = tuple(records[0])
+    unknown = [c for c in header if c not in RESULT_COLUMNS]
+    required = [c for c in RESULT_COLUMNS if c not in _FLOAT_COLUMNS and c not in header]
+    if unknown or required or len(set(header)) != len(header):
         raise ValueError(f"{path}: its columns differ from RESULT_COLUMNS "
-                         f"(expected {', '.join(RESULT_COLUMNS)}; found {', '.join(records[0])})")
+                         f"(expected {', '.join(RESULT_COLUMNS)}; found {', '.join(header)})")
+    absent = {c: math.nan for c in RESULT_COLUMNS if c not in header}
     rows = []
     for line_number, record in enumerate(records[1:], start=2):
-        if len(record) != len(RESULT_COLUMNS):
-            raise ValueError(f"{path}:{line_number}: {len(record)} fields, expected {len(RESULT_COLUMNS)}")
+        if len(record) != len(header):
+            raise ValueError(f"{path}:{line_number}: {len(record)} fields, expected {len(header)}")
         try:
-            rows.append({c: _parse_value(c, v) for c, v in zip(RESULT_COLUMNS, record)})
+            values = {c: _parse_value(c, v) for c, v in zip(header, record)}
         except ValueError as exc:
             raise ValueError(f"{path}:{line_number}: {exc}") from None
+        rows.append({c: values[c] if c in values else absent[c] for c in RESULT_COLUMNS})
     return rows
 
 
@@ -274,12 +350,12 @@ def summarise(rows: Iterable[Mapping[str, Any]]) -> Summary:
             complete = [s for s in seeds[k] if all((s, c) in present for c in categories[k])]
             for metric in METRIC_COLUMNS:
                 for category in categories[k]:
-                    values = [_float(row[metric]) for (_, c), row in present.items() if c == category]
+                    values = [_float(row.get(metric)) for (_, c), row in present.items() if c == category]
                     if values:
                         per_category[(metric, strategy, k, category)] = Stat.of(values)
                 per_seed = []
                 for s in complete:
-                    values = [v for c in categories[k] if math.isfinite(v := _float(present[(s, c)][metric]))]
+                    values = [v for c in categories[k] if math.isfinite(v := _float(present[(s, c)].get(metric)))]
                     per_seed.append(float(np.mean(values)) if values else math.nan)
                 overall[(metric, strategy, k)] = Stat.of(per_seed)
             timing[(strategy, k)] = (_nanmean(_float(row["fit_seconds"]) for row in present.values()),
@@ -294,13 +370,13 @@ def _nanmean(values: Iterable[float]) -> float:
 
 # ----------------------------------------------------------------------------- summary.md
 
-def _pct(stat: Stat | None, total_seeds: int, with_std: bool = True) -> str:
+def _pct(stat: Stat | None, total_seeds: int, with_std: bool = True, digits: int = 1) -> str:
     """`91.2 ± 0.8` in percent; `(n=2)` when fewer seeds than the run has; `–` without a value."""
     if stat is None or stat.n == 0:
         return _NO_VALUE
-    text = f"{100 * stat.mean:.1f}"
+    text = f"{100 * stat.mean:.{digits}f}"
     if with_std and stat.n > 1:
-        text += f" ± {100 * stat.std:.1f}"
+        text += f" ± {100 * stat.std:.{digits}f}"
     if stat.n < total_seeds:
         text += f" (n={stat.n})"
     return text
@@ -405,17 +481,52 @@ def _timing_section(summary: Summary) -> list[str]:
         + _table(header, body)
 
 
+def _verdict_section(summary: Summary) -> list[str]:
+    lines = ["## Verdicts at the fitted thresholds", "",
+             "What a line acts on: each strategy's yes/no verdict at its own fitted image threshold and "
+             "its defect mask at its fitted pixel threshold. FPR: share of good test images called "
+             "anomalous (lower is better); recall: share of defective ones called anomalous; F1 and "
+             "balanced accuracy of the verdicts (an always-anomalous verdict has FPR 100 and balanced "
+             "accuracy 50); mask IoU and Dice: per defective image with a ground-truth mask, then "
+             "averaged; pixel FPR: share of the pixels of good images inside the mask (lower is "
+             "better). Values are means over categories and seeds as above; strategies without a "
+             "threshold of their own are left out.", ""]
+    columns = list(_VERDICT_TABLE)
+    for k in summary.shots:
+        present = [s for s in summary.strategies
+                   if any(summary.overall.get((m, s, k), Stat.of([])).n for m in columns)]
+        lines += [f"### {k}-shot", ""]
+        if not present:
+            lines += ["No strategy has fitted thresholds at this shot count.", ""]
+            continue
+        n_seeds = len(summary.seeds[k])
+        body = [[s] + [_pct(summary.overall.get((m, s, k)), n_seeds, digits=_VERDICT_TABLE[m][1])
+                       for m in columns] for s in present]
+        lines += _table(["Strategy"] + [_VERDICT_TABLE[m][0] for m in columns], body)
+    return lines
+
+
+def _failure_section(failures: Sequence[Mapping[str, Any]]) -> list[str]:
+    body = [[f["category"], str(f["shots"]), str(f["seed"]), f["reason"]] for f in failures]
+    return (["## Failed cells", "",
+             "These (category, shots, seed) cells could not run, so every table above lacks them; "
+             "rerun the benchmark to retry them.", ""]
+            + _table(["Category", "Shots", "Seed", "Reason"], body, text_columns=4))
+
+
 def write_summary(rows: Iterable[Mapping[str, Any]], out_dir: Path, baseline: str = "texture",
-                  applied: str = "auto") -> Path:
+                  applied: str = "auto", failures: Sequence[Mapping[str, Any]] = ()) -> Path:
     """Write `out_dir/summary.md`: per-metric tables, the paper-style `applied` vs `baseline`
-    table per shot count, and timings. Returns the file's path."""
+    table per shot count, the verdicts at the fitted thresholds, timings, and the cells that
+    failed (`failures`: dicts with category, shots, seed, reason). Returns the file's path."""
     summary = summarise(rows)
     seeds = summary.all_seeds
+    failed = (f" **{len(failures)} cell(s) failed** (see Failed cells at the end)." if failures else "")
     lines = [
         "# astfad benchmark summary", "",
         f"{len(summary.all_categories)} categories ({', '.join(summary.all_categories)}); "
         f"shot counts {', '.join(map(str, summary.shots))}; {len(seeds)} seeds "
-        f"({', '.join(map(str, seeds))}); {len(summary.strategies)} strategies.", "",
+        f"({', '.join(map(str, seeds))}); {len(summary.strategies)} strategies.{failed}", "",
         "How to read: values are percentages. A category cell is the mean ± standard deviation over "
         "seeds (sample std, ddof=1; no ± with one seed) of that category's metric. The `mean` column "
         "and the all-category tables take, for each seed, the mean over categories (categories whose "
@@ -428,7 +539,10 @@ def write_summary(rows: Iterable[Mapping[str, Any]], out_dir: Path, baseline: st
     for metric, title in _TABLE_METRICS.items():
         lines += _metric_section(summary, metric, title)
     lines += _paper_section(summary, baseline, applied)
+    lines += _verdict_section(summary)
     lines += _timing_section(summary)
+    if failures:
+        lines += _failure_section(failures)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "summary.md"

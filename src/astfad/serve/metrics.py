@@ -57,6 +57,7 @@ class Metrics:
         self._errors: dict[str, int] = defaultdict(int)
         self._batches = _Histogram(BATCH_BUCKETS)
         self._images = 0
+        self._inference_seconds = 0.0
 
     def request(self, route: str, method: str, status: int, seconds: float) -> None:
         with self._lock:
@@ -67,10 +68,11 @@ class Metrics:
         with self._lock:
             self._errors[kind] += 1
 
-    def batch(self, images: int) -> None:
+    def batch(self, images: int, seconds: float) -> None:
         with self._lock:
             self._batches.observe(images)
             self._images += images
+            self._inference_seconds += seconds
 
     def render(self, gauges: Mapping[str, tuple[str, float]]) -> str:
         """`gauges`: name -> (help, value)."""
@@ -89,7 +91,10 @@ class Metrics:
             lines += ["# HELP astfad_predicted_images_total Images scored by the inference worker.",
                       "# TYPE astfad_predicted_images_total counter",
                       f"astfad_predicted_images_total {self._images}",
-                      "# HELP astfad_batch_images Images per shared Detector.predict call (micro-batches).",
+                      "# HELP astfad_inference_seconds_total Seconds the worker spent in Detector.predict.",
+                     "# TYPE astfad_inference_seconds_total counter",
+                     f"astfad_inference_seconds_total {self._inference_seconds:.6f}",
+                     "# HELP astfad_batch_images Images per shared Detector.predict call (micro-batches).",
                       "# TYPE astfad_batch_images histogram"]
             lines += self._batches.lines("astfad_batch_images", {})
         for name, (help_text, value) in gauges.items():

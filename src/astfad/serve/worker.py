@@ -168,7 +168,7 @@ class InferenceWorker:
             return
         elapsed = time.perf_counter() - start
         self._seconds_per_image = 0.8 * self._seconds_per_image + 0.2 * elapsed / len(images)
-        self.metrics.batch(len(images))
+        self.metrics.batch(len(images), elapsed)
         offset = 0
         for task in tasks:
             task.future.set_result((det, predictions[offset:offset + len(task.images)]))

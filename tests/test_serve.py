@@ -238,7 +238,7 @@ def test_cors_is_off_by_default(client, models_dir):
 
 
 # ---------------------------------------------------------------------------- worker
-class Gate:
+class HeldDetector:
     """A detector wrapper whose predict waits for `release` and records its batch sizes."""
 
     def __init__(self, det: Detector) -> None:
@@ -257,9 +257,9 @@ class Gate:
 def _held_app(models_dir, **kwargs):
     app = create_app(models_dir, **kwargs)
     store = app.state.store
-    gate = Gate(Detector.load(models_dir / "parts.safetensors"))
-    store._load = lambda path: gate
-    return app, gate
+    held = HeldDetector(Detector.load(models_dir / "parts.safetensors"))
+    store.loader = lambda path: held
+    return app, held
 
 
 def _post_in_thread(c, images, out, i):
@@ -274,39 +274,39 @@ def _wait(condition, seconds=10.0):
 
 
 def test_requests_that_arrive_together_share_one_predict_call(models_dir, images):
-    app, gate = _held_app(models_dir, max_queue=8)
+    app, held = _held_app(models_dir, max_queue=8)
     out = {}
     with TestClient(app) as c:
         first = threading.Thread(target=_post_in_thread, args=(c, images, out, 0))
         first.start()
-        assert gate.started.wait(10)
+        assert held.started.wait(10)
         threads = [threading.Thread(target=_post_in_thread, args=(c, images, out, i)) for i in range(1, 5)]
         for t in threads:
             t.start()
         _wait(lambda: app.state.worker.depth() == 4)
-        gate.release.set()
+        held.release.set()
         for t in [first, *threads]:
             t.join(30)
         assert all(out[i].status_code == 200 for i in range(5))
-        assert gate.sizes == [1, 4]  # the four waiting requests shared one forward pass
+        assert held.sizes == [1, 4]  # the four waiting requests shared one forward pass
         metrics = c.get("/metrics").text
         assert 'astfad_batch_images_bucket{le="4"} 2' in metrics
 
 
 def test_full_queue_gives_503_with_retry_after(models_dir, images):
-    app, gate = _held_app(models_dir, max_queue=1)
+    app, held = _held_app(models_dir, max_queue=1)
     out = {}
     with TestClient(app) as c:
         first = threading.Thread(target=_post_in_thread, args=(c, images, out, 0))
         first.start()
-        assert gate.started.wait(10)
+        assert held.started.wait(10)
         second = threading.Thread(target=_post_in_thread, args=(c, images, out, 1))
         second.start()
         _wait(lambda: app.state.worker.depth() == 1)
         r = c.post("/models/parts/predict", files=[("images", ("x.png", images["bad"], "image/png"))])
         assert r.status_code == 503 and int(r.headers["Retry-After"]) >= 1
         assert "queue is full" in r.json()["error"]
-        gate.release.set()
+        held.release.set()
         first.join(30)
         second.join(30)
         assert out[0].status_code == 200 and out[1].status_code == 200

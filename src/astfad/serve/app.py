@@ -131,13 +131,16 @@ def error_response(exc: ServeError) -> JSONResponse:
     return JSONResponse({"error": str(exc)}, status_code=exc.status, headers=exc.headers)
 
 
-def thresholds(det: Detector, threshold: float | None, target_fpr: float | None) -> tuple[float, float, str]:
-    """(image threshold, pixel threshold, where they come from) for one request."""
+def check_overrides(threshold: float | None, target_fpr: float | None) -> None:
     if threshold is not None and target_fpr is not None:
         raise ServeError("give either threshold or target_fpr, not both")
+    if threshold is not None and not math.isfinite(threshold):
+        raise ServeError(f"threshold must be a finite number, got {threshold}")
+
+
+def thresholds(det: Detector, threshold: float | None, target_fpr: float | None) -> tuple[float, float, str]:
+    """(image threshold, pixel threshold, where they come from) for one request."""
     if threshold is not None:
-        if not math.isfinite(threshold):
-            raise ServeError(f"threshold must be a finite number, got {threshold}")
         return threshold, det.pixel_threshold, "request"
     if target_fpr is not None:
         try:
@@ -277,6 +280,7 @@ def create_app(models_dir: str | Path, api_key: str | None = None, *, max_queue:
         """Per image: score, verdict, thresholds, anomalous area fraction (and pictures on
         request). An unreadable image among several gets its own `error`; the rest are scored."""
         store.require(check_name(name))
+        check_overrides(threshold, target_fpr)
         if worker.full():
             raise worker.busy_error()
         if not images:

@@ -73,7 +73,7 @@ class ModelStore:
                  load: Callable[[Path], Detector] = Detector.load) -> None:
         self.root = Path(root)
         self.memory_budget = memory_budget
-        self._load = load
+        self.loader = load  # how a file becomes a Detector (tests substitute it)
         self._loaded: OrderedDict[str, _Loaded] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -129,7 +129,7 @@ class ModelStore:
             if entry is not None and entry.signature == signature:
                 self._loaded.move_to_end(name)
                 return entry.detector
-        det = self._load(path)
+        det = self.loader(path)
         with self._lock:
             self._loaded[name] = _Loaded(det, signature, detector_bytes(det, path))
             self._loaded.move_to_end(name)

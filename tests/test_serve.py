@@ -223,6 +223,8 @@ def test_api_key(models_dir, images):
         r = c.post("/models/parts/predict", files=[("images", ("bad.png", images["bad"], "image/png"))])
         assert r.status_code == 401
         assert c.get("/metrics").status_code == 401
+        metrics = c.get("/metrics", headers={"X-API-Key": KEY}).text
+        assert 'astfad_requests_total{route="refused before routing",method="GET",status="401"}' in metrics
         assert c.get("/models", headers={"X-API-Key": KEY}).status_code == 200
         assert c.get("/models", headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
         r = c.post("/models/parts/predict", headers={"X-API-Key": KEY},

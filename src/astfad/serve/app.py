@@ -67,7 +67,7 @@ class Gate:
             await self.app(scope, receive, send)
             return
         start, status = time.perf_counter(), 500
-        arrival = None
+        arrival, route = None, None
 
         async def send_status(message: Message) -> None:
             nonlocal status
@@ -78,6 +78,7 @@ class Gate:
         try:
             refusal = self._refusal(scope)
             if refusal is not None:
+                route = "refused before routing"
                 self.metrics.error(refusal.kind)
                 await error_response(refusal)(scope, receive, send_status)
                 return
@@ -88,7 +89,7 @@ class Gate:
         finally:
             if arrival is not None:
                 arrival.settle()
-            route = getattr(scope.get("route"), "path", None)
+            route = route or getattr(scope.get("route"), "path", None)
             if route is None:
                 route = "/static" if scope["path"].startswith("/static/") else "unmatched"
             self.metrics.request(route, scope["method"], status, time.perf_counter() - start)

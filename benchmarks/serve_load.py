@@ -7,7 +7,8 @@ server's memory at concurrency 1, 4 and 16, against in-process `Detector.predict
 Starts the server as a subprocess on 127.0.0.1 (a free port), sends at most --requests requests of
 one image each per concurrency level (and at most --time-limit seconds per level), then stops it.
 Traffic goes to 127.0.0.1 only. The server's queue is small (--max-queue 8) so that concurrency 16
-overloads it on purpose: the 503s it answers there are deliberate, any other 5xx is a failure.
+overloads it on purpose: the 503s it answers there are deliberate (clients then back off for the
+Retry-After, at most 1 s), any other 5xx is a failure.
 
 In-process `Detector.predict` is timed before and after the load (the faster is the reference).
 Per level: throughput and its ratio to in-process at the same batch size, latency percentiles of
@@ -36,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-WARMUP_REQUESTS = 20
+WARMUP_SECONDS = 5.0
 
 
 def free_port() -> int:
@@ -119,6 +120,8 @@ async def load_level(url: str, payloads: list[tuple[str, bytes]], concurrency: i
                 statuses[r.status_code] += 1
                 if r.status_code == 200:
                     latencies.append(time.perf_counter() - start)
+                elif r.status_code == 503:  # a polite client backs off (here at most 1 s)
+                    await asyncio.sleep(min(1.0, float(r.headers.get("Retry-After", 1))))
             except httpx.HTTPError as exc:
                 statuses[type(exc).__name__] += 1
 
@@ -216,8 +219,8 @@ def main() -> None:
     url = f"{base}/models/{name}/predict"
     try:
         wait_healthy(base, server)
-        for c in levels:  # every batch shape once, so that later growth would be a leak
-            asyncio.run(load_level(url, payloads, c, max(WARMUP_REQUESTS, 2 * c), 60, api_key))
+        for c in levels:  # every level for a while, so that later growth would be a leak
+            asyncio.run(load_level(url, payloads, c, 10**6, WARMUP_SECONDS, api_key))
         sampler = RssSampler(server.pid)
         sampler.start()
         rss_warm = rss_kib(server.pid)

@@ -8,6 +8,8 @@ request therefore never waits, and a burst shares one forward pass."""
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import math
 import threading
 import time
@@ -25,6 +27,20 @@ from astfad.serve.metrics import Metrics
 from astfad.serve.store import ModelStore
 
 Result = tuple[Detector, list[Prediction]]
+TRIM_EVERY_S = 1.0
+
+
+def _malloc_trim() -> Callable[[], object]:
+    """glibc's malloc_trim(0): hands freed heap pages back to the system. Without it the memory of
+    a burst of large batches stays resident after the burst; a no-op where there is no glibc."""
+    try:
+        trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return lambda: None
+    return lambda: trim(0)
+
+
+release_memory = _malloc_trim()
 
 
 @dataclass
@@ -118,12 +134,16 @@ class InferenceWorker:
 
     # ------------------------------------------------------------ worker thread
     def _run(self) -> None:
+        trimmed = time.monotonic()
         while True:
             tasks = self._gather()
             if not tasks:
                 return
             for model, group in groupby(sorted(tasks, key=lambda t: t.model), key=lambda t: t.model):
                 self._serve(model, list(group))
+            if not self._queue and time.monotonic() - trimmed > TRIM_EVERY_S:  # idle: give memory back
+                release_memory()
+                trimmed = time.monotonic()
 
     def _gather(self) -> list[Task]:
         with self._cond:

@@ -37,6 +37,8 @@ from pathlib import Path
 
 import numpy as np
 
+from astfad.serve.worker import IDLE_TRIM_S  # the server gives memory back after this idle time
+
 WARMUP_SECONDS = 5.0
 
 
@@ -221,6 +223,7 @@ def main() -> None:
         wait_healthy(base, server)
         for c in levels:  # every level for a while, so that later growth would be a leak
             asyncio.run(load_level(url, payloads, c, 10**6, WARMUP_SECONDS, api_key))
+        time.sleep(IDLE_TRIM_S + 0.5)  # RSS after warm-up and at the end are both taken idle
         sampler = RssSampler(server.pid)
         sampler.start()
         rss_warm = rss_kib(server.pid)
@@ -233,6 +236,7 @@ def main() -> None:
             results[-1].update(rss=rss_kib(server.pid), batch=scored / max(calls, 1), busy=busy / wall,
                                ms_per_image=1000 * busy / max(scored, 1),
                                cpu_ms_per_request=1000 * cpu / max(results[-1]["sent"], 1))
+        time.sleep(IDLE_TRIM_S + 0.5)
         rss_end = rss_kib(server.pid)
         sampler.stop.set()
         peak = sampler.peak()

@@ -316,6 +316,21 @@ def test_full_queue_gives_503_with_retry_after(models_dir, images):
         assert 'astfad_errors_total{kind="queue_full"} 1' in c.get("/metrics").text
 
 
+def test_worker_gives_memory_back_once_idle_after_work(models_dir, images, monkeypatch):
+    import astfad.serve.worker as worker_module
+
+    calls = []
+    monkeypatch.setattr(worker_module, "IDLE_TRIM_S", 0.2)
+    monkeypatch.setattr(worker_module, "release_memory", lambda: calls.append(time.monotonic()))
+    with TestClient(create_app(models_dir)) as c:
+        time.sleep(0.5)
+        assert calls == []  # nothing scored yet: nothing to give back
+        assert_still_serving(c, images)
+        _wait(lambda: len(calls) == 1)
+        time.sleep(0.5)
+        assert len(calls) == 1  # once per idle spell, not every 0.2 s
+
+
 def test_metrics_in_prometheus_text(client):
     predict(client)
     predict(client, name="nope")

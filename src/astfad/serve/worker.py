@@ -27,7 +27,7 @@ from astfad.serve.metrics import Metrics
 from astfad.serve.store import ModelStore
 
 Result = tuple[Detector, list[Prediction]]
-TRIM_EVERY_S = 1.0
+IDLE_TRIM_S = 1.0  # idle this long after work, the worker gives freed memory back
 
 
 def _malloc_trim() -> Callable[[], object]:
@@ -74,6 +74,7 @@ class InferenceWorker:
         self._arriving = 0
         self._cond = threading.Condition()
         self._stopping = False
+        self._worked = False  # scored something since memory was last given back
         self._thread: threading.Thread | None = None
         self._seconds_per_image = 0.1  # running estimate, for Retry-After
 
@@ -134,23 +135,26 @@ class InferenceWorker:
 
     # ------------------------------------------------------------ worker thread
     def _run(self) -> None:
-        trimmed = time.monotonic()
         while True:
             tasks = self._gather()
-            if not tasks:
+            if tasks is None:
                 return
+            if not tasks:  # idle after work: hand the memory of the last batches back
+                release_memory()
+                continue
             for model, group in groupby(sorted(tasks, key=lambda t: t.model), key=lambda t: t.model):
                 self._serve(model, list(group))
-            if not self._queue and time.monotonic() - trimmed > TRIM_EVERY_S:  # idle: give memory back
-                release_memory()
-                trimmed = time.monotonic()
+            self._worked = True
 
-    def _gather(self) -> list[Task]:
+    def _gather(self) -> list[Task] | None:
+        """The next batch; [] after IDLE_TRIM_S without requests following work; None to stop."""
         with self._cond:
             while not self._queue and not self._stopping:
-                self._cond.wait()
+                if not self._cond.wait(IDLE_TRIM_S if self._worked else None) and not self._queue:
+                    self._worked = False
+                    return []
             if self._stopping:
-                return []
+                return None
             batch, count = [], 0
             deadline = time.monotonic() + self.gather_s
             while True:

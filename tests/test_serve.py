@@ -316,13 +316,12 @@ def test_full_queue_gives_503_with_retry_after(models_dir, images):
         assert 'astfad_errors_total{kind="queue_full"} 1' in c.get("/metrics").text
 
 
-def test_worker_gives_memory_back_once_idle_after_work(models_dir, images, monkeypatch):
-    import astfad.serve.worker as worker_module
-
+def test_worker_gives_memory_back_once_idle_after_work(models_dir, images):
     calls = []
-    monkeypatch.setattr(worker_module, "IDLE_TRIM_S", 0.2)
-    monkeypatch.setattr(worker_module, "release_memory", lambda: calls.append(time.monotonic()))
-    with TestClient(create_app(models_dir)) as c:
+    app = create_app(models_dir)
+    app.state.worker.idle_trim_s = 0.2
+    app.state.worker.release_memory = lambda: calls.append(time.monotonic())
+    with TestClient(app) as c:
         time.sleep(0.5)
         assert calls == []  # nothing scored yet: nothing to give back
         assert_still_serving(c, images)

@@ -75,6 +75,7 @@ class InferenceWorker:
         self._cond = threading.Condition()
         self._stopping = False
         self._worked = False  # scored something since memory was last given back
+        self.idle_trim_s, self.release_memory = IDLE_TRIM_S, release_memory
         self._thread: threading.Thread | None = None
         self._seconds_per_image = 0.1  # running estimate, for Retry-After
 
@@ -140,17 +141,17 @@ class InferenceWorker:
             if tasks is None:
                 return
             if not tasks:  # idle after work: hand the memory of the last batches back
-                release_memory()
+                self.release_memory()
                 continue
             for model, group in groupby(sorted(tasks, key=lambda t: t.model), key=lambda t: t.model):
                 self._serve(model, list(group))
             self._worked = True
 
     def _gather(self) -> list[Task] | None:
-        """The next batch; [] after IDLE_TRIM_S without requests following work; None to stop."""
+        """The next batch; [] after `idle_trim_s` without requests following work; None to stop."""
         with self._cond:
             while not self._queue and not self._stopping:
-                if not self._cond.wait(IDLE_TRIM_S if self._worked else None) and not self._queue:
+                if not self._cond.wait(self.idle_trim_s if self._worked else None) and not self._queue:
                     self._worked = False
                     return []
             if self._stopping:

@@ -1,6 +1,7 @@
 """End to end through the command line, on generated data, with stand-in backbones."""
 
 import csv
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -38,8 +39,8 @@ def test_fit_predict_round_trip(fake_backbones, folders, tmp_path):
     assert again.exit_code == 2 and "exists" in again.output
     out = tmp_path / "pred"
     result = runner.invoke(main, ["predict", str(model), str(test), "--out", str(out)])
-    assert result.exit_code == 0, result.output
-    assert "broken.png" in result.output  # reported, the rest still ran
+    assert result.exit_code == 1, result.output  # finished, with one failed input
+    assert "broken.png" in result.output and "images/s" in result.output  # reported, the rest still ran
     rows = list(csv.DictReader(open(out / "predictions.csv")))
     assert len(rows) == 9
     broken = [r for r in rows if r["file"].endswith("broken.png")][0]
@@ -51,11 +52,12 @@ def test_fit_predict_round_trip(fake_backbones, folders, tmp_path):
     names = sorted(scored)  # the CLI's order and batch: identical inputs give identical scores
     for name, pred in zip(names, det.predict([test / n for n in names])):
         assert scored[name]["score"] == f"{pred.score:.6g}"
-    assert len(list((out / "overlays").glob("*.png"))) == 8
+    assert len(list((out / "overlays").glob("*.jpg"))) == 8
+    assert all(r["overlay"] == f"overlays/{Path(r['file']).stem}.jpg" for r in scored.values())
     mask = np.asarray(Image.open(out / "masks" / "bad_5.png"))
     assert set(np.unique(mask)) <= {0, 255} and mask.max() == 255
     rerun = runner.invoke(main, ["predict", str(model), str(test), "--out", str(out)])
-    assert rerun.exit_code == 2 and "predictions.csv" in rerun.output
+    assert rerun.exit_code == 2 and "predictions.csv" in rerun.output and "--resume" in rerun.output
 
 
 def test_fit_with_a_pinned_map(fake_backbones, folders, tmp_path):
@@ -80,8 +82,8 @@ def test_select_and_visualize(fake_backbones, folders, tmp_path):
     assert "<- chosen" in result.output and "synthetic anomalies" in result.output
     result = runner.invoke(main, ["visualize", str(model), str(test / "bad_5.png"), str(test / "broken.png"),
                                   "--out", str(tmp_path / "vis")])
-    assert result.exit_code == 0, result.output
-    assert (tmp_path / "vis" / "bad_5.png").is_file()
+    assert result.exit_code == 1, result.output  # the broken image is named, the other drawn
+    assert "broken.png" in result.output and (tmp_path / "vis" / "bad_5.png").is_file()
 
 
 def test_clear_errors(tmp_path):

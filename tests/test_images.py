@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, PngImagePlugin
 
-from astfad.data.images import (IMAGE_EXTENSIONS, ImageLoadError, MaskError, image_size,
-                                list_images, load_image, load_mask, to_batch)
+from astfad.data.images import (IMAGE_EXTENSIONS, ImageLoadError, MaskError, image_file_problem,
+                                image_size, list_images, load_image, load_mask, scan_images, to_batch)
 
 
 def _rgb(h: int = 6, w: int = 8, seed: int = 0) -> np.ndarray:
@@ -244,3 +244,30 @@ def test_to_batch_matches_the_reference_resize() -> None:
         to_batch([a.astype(np.float32)], (4, 4))
     with pytest.raises(ValueError, match="at least one"):
         to_batch([], (4, 4))
+
+
+def test_scan_images_reports_every_bad_entry_in_order(tmp_path: Path) -> None:
+    Image.fromarray(_rgb()).save(tmp_path / "b.png")
+    Image.new("RGB", (4, 4)).save(tmp_path / "a.gif")
+    (tmp_path / "c.jpg").mkdir()
+    (tmp_path / "d.png").symlink_to(tmp_path / "gone.png")
+    (tmp_path / "notes.txt").write_text("not an image, not reported")
+    (tmp_path / "._b.png").write_bytes(b"macOS resource fork, not reported")
+    entries = scan_images([tmp_path, tmp_path / "b.png", tmp_path / "missing.png", str(tmp_path / "*.bmp")])
+    names = [(p.name, reason is None) for p, reason in entries]
+    assert names == [("a.gif", False), ("b.png", True), ("c.jpg", False), ("d.png", False),
+                     ("missing.png", False), ("*.bmp", False)]
+    reasons = [reason for _, reason in entries if reason]
+    assert all("\n" not in r for r in reasons) and "no images found" in reasons[-1]
+    assert image_file_problem(tmp_path / "b.png") is None
+    assert "dangling symbolic link" in image_file_problem(tmp_path / "d.png")
+    assert list_images(tmp_path) == [tmp_path / "b.png"]  # the strict listing skips them, as before
+
+
+def test_max_pixels_for_arrays_and_pil_images() -> None:
+    image = _rgb(300, 200)
+    with pytest.raises(ImageLoadError, match=r"array: 200x300 pixels \(0\.06 MP\) is over the limit of 0\.01 MP"):
+        load_image(image, max_pixels=10_000)
+    small = load_image(Image.fromarray(image), max_pixels=10_000, downscale=True)
+    assert small.shape[0] * small.shape[1] <= 10_000 and small.shape == (122, 81, 3)
+    np.testing.assert_array_equal(load_image(image, max_pixels=60_000), image)

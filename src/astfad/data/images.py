@@ -8,7 +8,9 @@ one-line message, rather than deep inside a benchmark as a silently grey image.
 from __future__ import annotations
 
 import glob
-from collections.abc import Sequence
+import os
+import secrets
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +19,10 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+# Image formats that are not read on purpose (animation, or no lossless single-frame guarantee):
+# inside a folder they are reported, not silently skipped like other files.
+UNSUPPORTED_IMAGE_EXTENSIONS = (".gif", ".webp", ".heic", ".heif", ".avif", ".jp2", ".svg", ".ico")
+DEFAULT_MAX_PIXELS = 40_000_000
 
 _LOSSY_FORMATS = {"JPEG", "MPO"}
 _EXIF_ORIENTATION = 0x0112
@@ -63,11 +69,44 @@ def _open(path: Path) -> Image.Image:
         raise ImageLoadError(f"cannot read image '{path}': {_reason(exc)}") from exc
 
 
-def _decode(path: Path) -> tuple[Image.Image, str | None]:
+def _pixel_budget(size: tuple[int, int], max_pixels: int | None, downscale: bool,
+                  source: str) -> tuple[int, int] | None:
+    """(width, height) to score an image of `size` (w, h) at when it exceeds `max_pixels` and
+    `downscale` is on, None when it fits; ImageLoadError when it exceeds and downscale is off."""
+    w, h = size
+    if max_pixels is None or w * h <= max_pixels:
+        return None
+    if not downscale:
+        raise ImageLoadError(f"cannot read image {source}: {w}x{h} pixels ({w * h / 1e6:.3g} MP) is over "
+                             f"the limit of {max_pixels / 1e6:.3g} MP; downscale it or raise the limit")
+    scale = (max_pixels / (w * h)) ** 0.5
+    height = max(1, int(h * scale))
+    return max(1, min(int(w * scale), max_pixels // height)), height
+
+
+def _downscaled(rgb: np.ndarray, max_pixels: int | None) -> np.ndarray:
+    """An HxWx3 uint8 image shrunk (antialiased) to at most `max_pixels`, aspect kept."""
+    target = _pixel_budget((rgb.shape[1], rgb.shape[0]), max_pixels, True, "")
+    if target is None:
+        return rgb
+    return np.asarray(Image.fromarray(rgb).resize(target, Image.BILINEAR, reducing_gap=2.0))
+
+
+def _decode(path: Path, max_pixels: int | None = None,
+            downscale: bool = False) -> tuple[Image.Image, str | None]:
     """Fully decode a file with EXIF orientation applied, so truncation fails here; also returns
-    the file format, which the decoded copy no longer carries."""
+    the file format, which the decoded copy no longer carries. An image over `max_pixels` is
+    refused from its header, before any pixel is decoded (or, with `downscale`, JPEGs are decoded
+    at a reduced scale)."""
     img = _open(path)
     try:
+        target = _pixel_budget(img.size, max_pixels, downscale, f"'{path}'")
+    except ImageLoadError:
+        img.close()
+        raise
+    try:
+        if target is not None:
+            img.draft(img.mode, target)  # JPEG decodes at 1/2, 1/4 or 1/8 scale; others ignore it
         img.load()
         return ImageOps.exif_transpose(img), img.format
     except Exception as exc:
@@ -163,31 +202,36 @@ def _pil_to_array(img: Image.Image) -> np.ndarray:
     return array
 
 
-def load_image(src: str | Path | Image.Image | np.ndarray) -> np.ndarray:
+def load_image(src: str | Path | Image.Image | np.ndarray, max_pixels: int | None = None,
+               downscale: bool = False) -> np.ndarray:
     """Load a file, PIL image or array as C-contiguous HxWx3 uint8 RGB.
 
     Grey, 1-bit, palette and CMYK images become RGB; alpha is dropped (see `_pil_to_array`);
     16-bit data is scaled by its bit range (16 bits, or a PNG's sBIT), never clipped; float data
-    must lie in 0..1; EXIF orientation is applied. Any failure raises ImageLoadError."""
+    must lie in 0..1; EXIF orientation is applied. An image of more than `max_pixels` pixels is
+    refused (a file: from its header, nothing decoded), or with `downscale` shrunk to fit: a
+    bound on the memory of everything computed from it. Any failure raises ImageLoadError."""
     if isinstance(src, np.ndarray):
-        return _array_to_rgb(src, "array")
+        _pixel_budget((src.shape[1], src.shape[0]) if src.ndim >= 2 else (0, 0), max_pixels, downscale, "array")
+        return _downscaled(_array_to_rgb(src, "array"), max_pixels)
     if isinstance(src, Image.Image):
         source = f"'{src.filename}'" if getattr(src, "filename", "") else "PIL image"
+        _pixel_budget(src.size, max_pixels, downscale, source)
         try:
             img = ImageOps.exif_transpose(src)
-            return _array_to_rgb(_pil_to_array(img), source)
+            return _downscaled(_array_to_rgb(_pil_to_array(img), source), max_pixels)
         except ImageLoadError:
             raise
         except Exception as exc:
             raise ImageLoadError(f"cannot read image {source}: {_reason(exc)}") from exc
     path = Path(src)
-    img, _ = _decode(path)
+    img, _ = _decode(path, max_pixels, downscale)
     bits = _png_significant_bits(path) if img.mode.startswith("I") else None
     try:
         array = _pil_to_array(img)
     except Exception as exc:
         raise ImageLoadError(f"cannot read image '{path}': {_reason(exc)}") from exc
-    return _array_to_rgb(array, f"'{path}'", bits)
+    return _downscaled(_array_to_rgb(array, f"'{path}'", bits), max_pixels)
 
 
 def image_size(path: str | Path) -> tuple[int, int]:
@@ -237,39 +281,123 @@ def _has_glob_magic(text: str) -> bool:
     return any(ch in text for ch in "*?[")
 
 
-def _expand(spec: str | Path) -> list[Path]:
-    """The images one spec names: a directory's images, a glob's matches or a single file."""
+def image_file_problem(path: str | Path) -> str | None:
+    """Why a path cannot be read as an image (one line naming it), or None when it is a regular
+    file with a supported image extension. Nothing is opened: decoding problems come later."""
+    path = Path(path)
+    prefix = f"cannot read image '{path}'"
+    if not path.exists():
+        return f"{prefix}: dangling symbolic link" if path.is_symlink() else f"{prefix}: no such file"
+    if path.is_dir():
+        return f"{prefix}: is a directory"
+    if not path.is_file():
+        return f"{prefix}: not a regular file"
+    suffix = path.suffix.lower()
+    if suffix in UNSUPPORTED_IMAGE_EXTENSIONS:
+        return (f"{prefix}: {suffix[1:].upper()} is not supported (convert it to one of "
+                f"{', '.join(IMAGE_EXTENSIONS)})")
+    if suffix not in IMAGE_EXTENSIONS:
+        return f"'{path}' is not an image file (expected one of {', '.join(IMAGE_EXTENSIONS)})"
+    return None
+
+
+def _looks_like_image(path: Path) -> bool:
+    """A folder entry meant as an image: a supported or a known unsupported image extension."""
+    name = path.name
+    return not name.startswith(".") and Path(name).suffix.lower() in (*IMAGE_EXTENSIONS,
+                                                                      *UNSUPPORTED_IMAGE_EXTENSIONS)
+
+
+def _expand(spec: str | Path) -> tuple[list[tuple[Path, str | None]], Exception | None]:
+    """The entries one spec names (a directory's, a glob's matches or a single file), each with
+    None or the one-line reason it cannot be an image (a sub-folder or dangling link named like an
+    image, a GIF; other files in a folder are not images and are left out), plus the spec's own
+    error when it names no usable image (missing, empty, not an image)."""
     text = str(spec)
     looked_for = ", ".join(IMAGE_EXTENSIONS)
-    if _has_glob_magic(text) and not Path(text).exists():
-        found = sorted((Path(p) for p in glob.glob(text, recursive=True)), key=str)
-        found = [p for p in found if p.is_file() and is_image_file(p)]
-        if not found:
-            raise ValueError(f"no images found in '{text}' (looked for {looked_for})")
-        return found
+
+    def entries(candidates: list[Path]) -> list[tuple[Path, str | None]]:
+        out = []
+        for candidate in candidates:
+            if candidate.is_file() and is_image_file(candidate):
+                out.append((candidate, None))
+            elif _looks_like_image(candidate):
+                out.append((candidate, image_file_problem(candidate) or f"cannot read image '{candidate}'"))
+        return out
+
     path = Path(text)
-    if not path.exists():
-        raise FileNotFoundError(f"no such file or directory: '{path}'")
-    if path.is_dir():
-        found = sorted((p for p in path.iterdir() if p.is_file() and is_image_file(p)), key=str)
-        if not found:
-            raise ValueError(f"no images found in '{path}' (looked for {looked_for})")
-        return found
-    if not is_image_file(path):
-        raise ValueError(f"'{path}' is not an image file (expected one of {looked_for})")
-    return [path]
+    if _has_glob_magic(text) and not path.exists():
+        found = entries(sorted((Path(p) for p in glob.glob(text, recursive=True)), key=str))
+    elif path.is_dir():
+        found = entries(sorted(path.iterdir(), key=str))
+    elif not path.exists() and not path.is_symlink():
+        return [], FileNotFoundError(f"no such file or directory: '{path}'")
+    else:
+        problem = image_file_problem(path)
+        return ([], ValueError(problem)) if problem else ([(path, None)], None)
+    if not any(reason is None for _, reason in found):
+        return found, ValueError(f"no images found in '{text}' (looked for {looked_for})")
+    return found, None
+
+
+def _specs(spec: str | Path | Sequence[str | Path]) -> list[str | Path]:
+    specs = [spec] if isinstance(spec, (str, Path)) else list(spec)
+    if not specs:
+        raise ValueError("no images given: the list of paths is empty")
+    return specs
 
 
 def list_images(spec: str | Path | Sequence[str | Path]) -> list[Path]:
     """Image paths from a directory (not recursive, sorted), a glob pattern (sorted; `**`
-    recurses), a single image file, or a list of these (in list order, duplicates dropped)."""
-    specs = [spec] if isinstance(spec, (str, Path)) else list(spec)
-    if not specs:
-        raise ValueError("no images given: the list of paths is empty")
+    recurses), a single image file, or a list of these (in list order, duplicates dropped).
+    A spec that names no usable image raises; unusable entries of a folder are left out."""
     result: dict[Path, None] = {}
-    for item in specs:
-        result.update(dict.fromkeys(_expand(item)))
+    for item in _specs(spec):
+        found, error = _expand(item)
+        if error is not None:
+            raise error
+        result.update(dict.fromkeys(path for path, reason in found if reason is None))
     return list(result)
+
+
+def scan_images(spec: str | Path | Sequence[str | Path]) -> list[tuple[Path, str | None]]:
+    """Like `list_images`, but nothing is dropped and nothing raises: every input comes back as
+    (path, None) or (path, one-line reason it cannot be an image) in `list_images`' order, so that
+    a batch can report each bad input, named or found in a folder, beside the good ones."""
+    result: dict[Path, str | None] = {}
+    for item in _specs(spec):
+        found, error = _expand(item)
+        if not found and error is not None:
+            result.setdefault(Path(item), str(error))
+        for path, reason in found:
+            result.setdefault(path, reason)
+    return list(result.items())
+
+
+def write_atomically(path: str | Path, write: Callable[[Path], object], overwrite: bool = True,
+                     sync: bool = False) -> Path:
+    """Create `path` whole or not at all: `write(tmp)` fills a temporary file in the same folder,
+    which is then renamed over `path` (so a crash or a full disk never leaves a truncated file
+    under the final name). The file gets the usual permissions (0666 less the umask). `sync`
+    flushes it to disk before the rename. overwrite=False refuses an existing `path`."""
+    path = Path(path)
+    if not overwrite and path.exists():
+        raise FileExistsError(f"'{path}' exists; choose another path or allow overwriting it")
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # the umask applies
+    try:
+        write(tmp)
+        if sync:
+            with open(tmp, "rb+") as handle:
+                os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:  # e.g. a full disk: name the file meant, not the temporary one
+        exc.filename = str(path)
+        raise
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
 
 
 def to_batch(images: Sequence[np.ndarray], size: tuple[int, int]) -> torch.Tensor:

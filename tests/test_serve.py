@@ -16,7 +16,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+import torch
 from PIL import Image
+from safetensors.torch import save_file
 
 import astfad.detector
 from astfad.detector import Detector
@@ -387,12 +389,19 @@ def test_fit_refusals_and_a_failed_job(client, images):
 
 def test_store_lists_only_complete_safe_model_files(tmp_path, models_dir):
     (tmp_path / "ok.safetensors").write_bytes((models_dir / "parts.safetensors").read_bytes())
-    (tmp_path / ".astfad-123.tmp").write_bytes(b"partial")  # a save in progress
+    (tmp_path / ".new.safetensors.1a2b3c4d.tmp").write_bytes(b"partial")  # a save in progress
     (tmp_path / "bad name.safetensors").write_bytes(b"x")
     (tmp_path / "broken.safetensors").write_bytes(b"not safetensors")
+    save_file({"x": torch.zeros(1)}, tmp_path / "badjson.safetensors", metadata={"astfad": "[1, 2"})
     store = ModelStore(tmp_path, memory_budget=10**9)
-    assert store.names() == ["broken", "ok"]
-    assert "error" in store.summary("broken") and store.summary("ok")["strategy"] == "texture"
+    assert store.names() == ["badjson", "broken", "ok"]
+    assert store.summary("ok")["strategy"] == "texture"
+    assert "not an astfad detector file" in store.summary("broken")["error"]
+    assert "not a JSON object" in store.summary("badjson")["error"]
+    with TestClient(create_app(tmp_path)) as c:
+        assert [m["name"] for m in c.get("/models").json()["models"]] == ["badjson", "broken", "ok"]
+        r = c.get("/models/broken")
+        assert r.status_code == 422 and "cannot be used" in r.json()["error"]
 
 
 def test_store_keeps_an_lru_under_the_memory_budget(tmp_path, models_dir, fakes):

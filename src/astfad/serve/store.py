@@ -44,7 +44,13 @@ def read_header(path: Path) -> dict[str, Any]:
         raise ModelFileError(f"'{path.name}' is not an astfad detector file ({exc})") from None
     if "astfad" not in header:
         raise ModelFileError(f"'{path.name}' is a safetensors file without astfad metadata")
-    return json.loads(header["astfad"])
+    try:
+        meta = json.loads(header["astfad"])
+    except (ValueError, RecursionError):
+        meta = None
+    if not isinstance(meta, dict):
+        raise ModelFileError(f"'{path.name}': the astfad metadata is not a JSON object")
+    return meta
 
 
 def detector_bytes(det: Detector, path: Path) -> int:

@@ -3,6 +3,7 @@
     python benchmarks/speed.py --data ../shared/data                 # speed table (~10 CPU-minutes)
     python benchmarks/speed.py --data ../shared/data --drift         # + drift vs torch fp32 (long)
     python benchmarks/speed.py --drift --only-drift --drift-images 8 --seeds 0 --categories hazelnut
+    python benchmarks/speed.py --drift --only-drift --drift-results drift/ --variants "torch fp32" "onnxruntime int8"
 
 Every measurement runs in a fresh child process (peak RSS is per process, and a cold start is what
 a user pays). Printed: the ViT forward alone (ms/image, batch 4, the category's default grid) per
@@ -35,6 +36,17 @@ VARIANTS = {
     "onnxruntime fp32, semantic_size 336": {"runtime": "onnxruntime", "semantic_size": 336},
 }
 DRIFT_RULE = 0.5  # points, every mean
+
+
+def auto_variant() -> str:
+    """The variant `runtime="auto"` resolves to for the ViT on this CPU."""
+    import torch
+
+    from astfad.runtime import backbone_runtime
+
+    vit = type("ViT", (), {"kind": "vit"})()  # backbone_runtime reads only `kind` (and exportability)
+    picked = backbone_runtime("auto", torch.device("cpu"), vit)
+    return {"torch": "torch fp32", "onnxruntime": "onnxruntime fp32", "onnxruntime_int8": "onnxruntime int8"}[picked]
 
 
 def peak_rss_mb() -> float:
@@ -88,7 +100,8 @@ def child_fit(args: argparse.Namespace) -> dict:
 
 
 def child_predict(args: argparse.Namespace) -> dict:
-    """Cold load, then per image: decode, backbone forward, kNN + maps, in separate timers."""
+    """Cold load, then the first image alone and the others as a batch, with backbone forward
+    and kNN + maps timed apart."""
     start = time.perf_counter()
     from astfad.config import experts_of
     from astfad.data.images import load_image
@@ -99,27 +112,27 @@ def child_predict(args: argparse.Namespace) -> dict:
     loaded = time.perf_counter()
     cat = category(args.data, args.category)
     paths = [s.path for s in cat.test[: args.images]]
-    timers = {"decode": 0.0, "forward": 0.0, "knn": 0.0}
-    first = None
-    for i, path in enumerate(paths):
+    experts = experts_of(det.strategy)
+
+    def timed(arrays: list) -> tuple[float, float]:
         t0 = time.perf_counter()
-        array = load_image(path)
+        feats = det.extract(arrays)
         t1 = time.perf_counter()
-        feats = det.extract([array])
-        t2 = time.perf_counter()
-        maps = det.combine(det.strategy, det.expert_maps(feats, experts=experts_of(det.strategy)))
+        maps = det.combine(det.strategy, det.expert_maps(feats, experts=experts))
         det.scores(det.strategy, maps, feats.get("texture"))
-        t3 = time.perf_counter()
-        if i == 0:
-            first = {"decode": t1 - t0, "forward": t2 - t1, "knn": t3 - t2}
-        else:
-            for key, value in zip(timers, (t1 - t0, t2 - t1, t3 - t2)):
-                timers[key] += value
-    n = max(1, len(paths) - 1)
-    return {"import_s": imported - start, "load_s": loaded - imported, "first": first,
-            "predict_ms": (timers["forward"] + timers["knn"]) / n * 1000,
-            "forward_ms": timers["forward"] / n * 1000, "knn_ms": timers["knn"] / n * 1000,
-            "predict_rss_mb": peak_rss_mb()}
+        return t1 - t0, time.perf_counter() - t1
+
+    t0 = time.perf_counter()
+    first = [load_image(paths[0])]
+    decode = time.perf_counter() - t0
+    forward, knn = timed(first)  # the cold first image, as `astfad predict` of one image
+    rest = [load_image(p) for p in paths[1:]]
+    rest_forward, rest_knn = timed(rest)  # the others as one batch, as predict runs them
+    n = len(rest)
+    return {"import_s": imported - start, "load_s": loaded - imported,
+            "first": {"decode": decode, "forward": forward, "knn": knn},
+            "predict_ms": (rest_forward + rest_knn) / n * 1000, "forward_ms": rest_forward / n * 1000,
+            "knn_ms": rest_knn / n * 1000, "predict_rss_mb": peak_rss_mb()}
 
 
 def child_drift(args: argparse.Namespace) -> dict:
@@ -198,13 +211,22 @@ def drift_table(args: argparse.Namespace, variants: list[str]) -> dict[str, dict
     import numpy as np
 
     results = {}
+    settings = {"drift_images": args.drift_images, "shots_list": args.shots_list, "seeds": args.seeds,
+                "categories": args.categories or []}
     for name in variants:
-        print(f"  drift: {name} ...", flush=True)
-        out, wall = run_child(args, "drift", variant=name, drift_images=args.drift_images,
-                              shots_list=args.shots_list, seeds=args.seeds, categories=args.categories or [])
+        saved = args.drift_results / f"{name.replace(' ', '_').replace(',', '')}.json" if args.drift_results else None
+        if saved is not None and saved.is_file() and json.loads(saved.read_text())["settings"] == settings:
+            out = json.loads(saved.read_text())
+            print(f"  drift: {name}: from {saved}", flush=True)
+        else:
+            print(f"  drift: {name} ...", flush=True)
+            out, wall = run_child(args, "drift", variant=name, **settings)
+            out.update(settings=settings, wall_s=wall)
+            if saved is not None:
+                saved.parent.mkdir(parents=True, exist_ok=True)
+                saved.write_text(json.dumps(out))
         results[name] = {m: float(np.nanmean([r[m] for r in out["rows"]])) for m in ("image_auroc", "pixel_auroc", "aupro")}
         results[name]["cells"] = len(out["rows"])
-        results[name]["wall_s"] = wall
     reference = results[variants[0]]
     for name, res in results.items():
         res["drift"] = {m: 100 * (res[m] - reference[m]) for m in ("image_auroc", "pixel_auroc", "aupro")}
@@ -226,6 +248,8 @@ def main() -> None:
     parser.add_argument("--shots-list", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--categories", nargs="*", default=None)
+    parser.add_argument("--drift-results", type=Path, default=None,
+                        help="folder keeping each variant's drift rows: rerun only what is missing")
     # child-process arguments
     parser.add_argument("--child", choices=list(CHILDREN), help=argparse.SUPPRESS)
     parser.add_argument("--variant", help=argparse.SUPPRESS)
@@ -240,7 +264,10 @@ def main() -> None:
     threads = os.environ.get("OMP_NUM_THREADS", "unset")
     print(f"# astfad speed on this CPU ({os.cpu_count()} cores, OMP_NUM_THREADS={threads}), "
           f"category {args.category}\n")
-    variants = [v for v in args.variants]
+    from astfad.runtime.cpu import native_bf16
+
+    variants = list(args.variants)
+    print(f"runtime='auto' runs the ViT here as: {auto_variant()}; bfloat16 kNN shortlist: {native_bf16()}\n")
     drift = drift_table(args, variants) if args.drift else {}
     if args.only_drift:
         print_drift(drift, args)
@@ -253,10 +280,10 @@ def main() -> None:
             forward[name], _ = run_child(args, "forward", variant=name, category=args.category, repeat=args.repeat)
             print(f"ViT forward alone, {name}: {forward[name]['forward_ms']:.0f} ms/image at grid "
                   f"{forward[name]['grid']}", flush=True)
-        plan = [(name, "semantic", 4) for name in variants] + [(variants[0], "semantic", 16),
-                                                             (variants[0], "auto", 4)]
-        if "onnxruntime fp32" in variants:
-            plan += [("onnxruntime fp32", "semantic", 16), ("onnxruntime fp32", "auto", 4)]
+        plan = [(name, "semantic", 4) for name in variants]
+        for name in dict.fromkeys([variants[0], auto_variant()]):  # today's and what `auto` picks here
+            if name in variants:
+                plan += [(name, "semantic", 16), (name, "auto", 4)]
         for name, strategy, shots in plan:
             model = work / f"{len(rows)}.safetensors"
             fit, _ = run_child(args, "fit", variant=name, strategy=strategy, shots=shots,

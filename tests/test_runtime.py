@@ -58,10 +58,16 @@ def images(n=3, seed=0, shape=(90, 150)):
 # ---------------------------------------------------------------- runtime choice and threads
 
 
-def test_runtime_choice():
+def test_runtime_choice(monkeypatch):
+    import astfad.runtime
+
     vit, cnn, official = tiny_vit(), FakeCNN(), tiny_vit(0.1)
     assert backbone_runtime("torch", CPU, vit) == "torch"
+    monkeypatch.setattr(astfad.runtime, "cpu_flags", lambda: frozenset({"avx2", "fma"}))
     assert backbone_runtime("auto", CPU, vit) == "onnxruntime"
+    monkeypatch.setattr(astfad.runtime, "cpu_flags", lambda: frozenset({"avx2", "avx512_vnni"}))
+    assert backbone_runtime("auto", CPU, vit) == "onnxruntime_int8"
+    assert backbone_runtime("auto", CPU, cnn) == "onnxruntime"
     assert backbone_runtime("auto", torch.device("cuda"), vit) == "torch"
     assert backbone_runtime("auto", CPU, official) == "torch"  # no dynamic-grid graph for it
     assert backbone_runtime("onnxruntime_int8", CPU, cnn) == "onnxruntime"

@@ -13,6 +13,8 @@ from astfad.runtime.cpu import apply_threads, cpu_flags, native_bf16, resolve_th
 from astfad.runtime.ort import OnnxReader, onnxruntime_available, reader_graph
 
 RUNTIMES = ("torch", "onnxruntime", "onnxruntime_int8", "auto")
+# x86 flags of int8 dot products that ONNX Runtime's int8 kernels use without saturating
+INT8_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
 
 __all__ = ["RUNTIMES", "backbone_runtime", "apply_threads", "resolve_threads", "cpu_flags",
            "native_bf16", "OnnxReader", "reader_graph"]
@@ -22,15 +24,22 @@ def backbone_runtime(runtime: str, device: torch.device, backbone: torch.nn.Modu
     """The engine that runs `backbone`: 'torch', 'onnxruntime' or 'onnxruntime_int8' (ViTs only;
     a CNN asked for int8 runs in ONNX Runtime fp32).
 
-    `auto`: ONNX Runtime fp32 on the CPU when it is installed and the backbone exports with a
-    dynamic grid (faster than torch on both CPUs measured, features equal to ~1e-5), else torch."""
+    `auto` (no timing on the hot path; figures from benchmarks/speed.py): on the CPU, when ONNX
+    Runtime is installed and the backbone exports with a dynamic grid, ONNX Runtime: fp32 (faster
+    than torch on both CPUs measured, features equal to ~1e-5, no drift), int8 for the ViT on CPUs
+    with int8 dot-product instructions (VNNI/AMX: 1.6x faster than fp32 here, drift within the
+    0.5-point rule in the reduced run). Without VNNI, int8 products can saturate and were barely
+    faster (FINDINGS.md), so fp32 there. Torch on CUDA or when the graph cannot be exported."""
     if runtime not in RUNTIMES:
         raise ValueError(f"runtime must be one of {RUNTIMES}, got '{runtime}'")
     if runtime == "torch":
         return "torch"
     exportable = getattr(backbone, "dynamic_grid_export", True)
     if runtime == "auto":
-        return "onnxruntime" if device.type == "cpu" and onnxruntime_available() and exportable else "torch"
+        if device.type != "cpu" or not onnxruntime_available() or not exportable:
+            return "torch"
+        vit = getattr(backbone, "kind", "cnn") == "vit"
+        return "onnxruntime_int8" if vit and cpu_flags() & INT8_FLAGS else "onnxruntime"
     if not exportable:
         raise ValueError(f"runtime '{runtime}': backbone {getattr(backbone, 'backbone_id', '')} interpolates "
                          "its position embeddings in a way ONNX export cannot keep for every grid; "

@@ -187,6 +187,7 @@ def main() -> None:
     parser.add_argument("--concurrency", default="1,4,16")
     parser.add_argument("--time-limit", type=float, default=60.0, help="Seconds per level at most.")
     parser.add_argument("--max-queue", type=int, default=8)
+    parser.add_argument("--max-batch", type=int, default=16, help="The server's micro-batch limit.")
     parser.add_argument("--threads", type=int, default=1, help="Torch threads, in-process and in the server.")
     args = parser.parse_args()
     levels = [int(x) for x in args.concurrency.split(",")]
@@ -205,7 +206,8 @@ def main() -> None:
     payloads = [(p.name, p.read_bytes()) for p in images]
 
     sizes = sorted({min(c, 16) for c in levels})
-    print(f"model '{name}', {len(images)} distinct test images, torch threads {args.threads}, "
+    print(f"model '{name}', {len(images)} distinct test images, server --max-batch {args.max_batch} "
+          f"--max-queue {args.max_queue}, torch threads {args.threads}, "
           f"{os.cpu_count()} CPUs (shared: timings are noisy)")
     before = in_process(models / f"{name}.safetensors", images, sizes, seconds=5.0)
 
@@ -213,7 +215,7 @@ def main() -> None:
     api_key = "load-test"
     command = [sys.executable, "-c", "import sys; from astfad.serve.command import serve; serve(sys.argv[1:])",
                "--models", str(models), "--host", "127.0.0.1", "--port", str(port),
-               "--max-queue", str(args.max_queue)]
+               "--max-queue", str(args.max_queue), "--max-batch", str(args.max_batch)]
     log = open(Path(scratch.name) / "server.log", "w+")
     server = subprocess.Popen(command, env={**os.environ, "ASTFAD_API_KEY": api_key},
                               stdout=subprocess.DEVNULL, stderr=log, text=True)

@@ -436,7 +436,7 @@ def test_serve_command_builds_the_app(tmp_path, monkeypatch):
     seen = {}
     monkeypatch.setattr(uvicorn, "run", lambda app, host, port, log_level: seen.update(app=app, host=host, port=port))
     result = CliRunner().invoke(serve, ["--models", str(tmp_path / "m"), "--port", "8123", "--api-key", KEY,
-                                        "--max-queue", "3"])
+                                        "--max-queue", "3", "--max-batch", "2"])
     assert result.exit_code == 0, result.output
     assert seen["host"] == "127.0.0.1" and seen["port"] == 8123 and (tmp_path / "m").is_dir()
-    assert seen["app"].state.worker.max_queue == 3
+    assert seen["app"].state.worker.max_queue == 3 and seen["app"].state.worker.max_batch == 2

@@ -19,6 +19,9 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
               help="Require this key on every API route (or set ASTFAD_API_KEY).")
 @click.option("--max-queue", type=click.IntRange(min=1), default=32, show_default=True,
               help="Predict requests that may wait; more get 503 with Retry-After.")
+@click.option("--max-batch", type=click.IntRange(min=1), default=16, show_default=True,
+              help="Images that may share one forward pass (micro-batch). On a CPU whose cost per image "
+                   "grows with the batch, 1 can be faster: measure with benchmarks/serve_load.py.")
 @click.option("--memory-budget", type=click.FloatRange(min=1), default=2048, show_default=True,
               help="MB of loaded detectors kept in memory (least recently used evicted).")
 @click.option("--max-body", type=click.FloatRange(min=0.001), default=64, show_default=True,
@@ -27,7 +30,7 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
               help="Largest image in pixels (checked before decoding).")
 @click.option("--cors-origin", "cors_origins", multiple=True,
               help="Allow browser calls from this origin (repeatable; CORS is off by default).")
-def serve(models_dir: Path, host: str, port: int, api_key: str | None, max_queue: int,
+def serve(models_dir: Path, host: str, port: int, api_key: str | None, max_queue: int, max_batch: int,
           memory_budget: float, max_body: float, max_pixels: int, cors_origins: tuple[str, ...]) -> None:
     """Inspection service: REST API (OpenAPI at /docs) and a web page at /."""
     try:
@@ -40,7 +43,7 @@ def serve(models_dir: Path, host: str, port: int, api_key: str | None, max_queue
     if host not in LOOPBACK and api_key is None:
         click.echo(click.style("warning: ", fg="yellow") + f"listening on {host} without --api-key: "
                    "anyone who can reach this port can fit, delete and query models", err=True)
-    app = create_app(models_dir, api_key, max_queue=max_queue, memory_budget_mb=memory_budget,
+    app = create_app(models_dir, api_key, max_queue=max_queue, max_batch=max_batch, memory_budget_mb=memory_budget,
                      max_body_mb=max_body, max_pixels=max_pixels, cors_origins=cors_origins)
     click.echo(f"models: {models_dir.resolve()}  page: http://{host}:{port}/  API docs: http://{host}:{port}/docs")
     uvicorn.run(app, host=host, port=port, log_level="info")

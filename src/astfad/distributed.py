@@ -80,6 +80,7 @@ class RayExecutor:
 
     def __init__(self, address: str | None = None, max_retries: int = DEFAULT_MAX_RETRIES,
                  max_categories: int | None = None) -> None:
+        _ray()  # no Ray: say so before anything runs
         self.address = address
         self.max_retries = max_retries
         self.max_categories = max_categories

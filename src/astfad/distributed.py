@@ -25,7 +25,7 @@ import numpy as np
 
 from astfad.benchmark import CategoryJob, CellResult, failed_cell, prepare_category, run_cell
 from astfad.data.images import DEFAULT_MAX_PIXELS
-from astfad.pipeline import DEFAULT_BATCH_SIZE, PredictionItem, iter_predictions
+from astfad.pipeline import DEFAULT_BATCH_SIZE, PredictionItem, iter_predictions, plan_batches
 
 DEFAULT_MAX_RETRIES = 2
 
@@ -153,21 +153,19 @@ def ray_predictions(model_path: str | os.PathLike, paths: Sequence[str | os.Path
     Every node must read `model_path` and the images at the same paths.
 
     Yields one PredictionItem per path in input order; an unusable image is an error item, as
-    locally. The batches are the local ones (paths[i:i + batch_size]), so the scores equal a local
-    run's with the same thread count. Each worker gets `cpus_per_worker` CPUs (its torch threads)
+    locally. The batches are the local ones (`pipeline.plan_batches`: by count and pixels), so
+    the scores equal a local run's with the same thread count. Each worker gets `cpus_per_worker` CPUs (its torch threads)
     and `gpus_per_worker` GPUs. The images and full-size maps travel back to this process, which
     writes the outputs."""
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     if workers is not None and workers < 1:
         raise ValueError(f"workers must be at least 1, got {workers}")
     if not Path(model_path).is_file():
         raise FileNotFoundError(f"no saved detector at '{model_path}'")
-    paths = [str(p) for p in paths]
+    paths = [Path(p) for p in paths]
     if not paths:
         return
-    batches = [{"batch": k, "paths": paths[i:i + batch_size]}
-               for k, i in enumerate(range(0, len(paths), batch_size))]
+    batches = [{"batch": k, "paths": [str(p) for p in paths[part]]}
+               for k, part in enumerate(plan_batches(paths, batch_size, max_pixels))]
     arguments = {"model_path": str(Path(model_path).resolve()), "max_pixels": max_pixels, "downscale": downscale,
                  "load_options": dict(load_options or {})}
     with ray_runtime(address) as ray:

@@ -43,6 +43,7 @@ __all__ = [
     "pixel_auroc",
     "pixel_average_precision",
     "pixel_f1_max",
+    "verdict_metrics",
 ]
 
 # 8-connectivity, as in the official MVTec AD evaluation code.
@@ -396,3 +397,84 @@ def evaluate(labels: ArrayLike, scores: ArrayLike, masks: Maps | None = None,
     undefined = _aupro_undefined(pixels, n_regions)
     result["aupro"] = undefined if undefined is not None else ranking.aupro(n_regions, 0.3)
     return result
+
+
+# --------------------------------------------------------------------------------------------
+# Decisions at a fixed threshold
+# --------------------------------------------------------------------------------------------
+
+VERDICT_KEYS = ("verdict_fpr", "verdict_recall", "verdict_f1", "verdict_balanced_accuracy",
+                "mask_iou", "mask_dice", "pixel_fpr")
+
+
+def _ratio(numerator: float, denominator: float) -> float:
+    return float(numerator / denominator) if denominator else float("nan")
+
+
+def _check_threshold(value: float | None, what: str) -> float | None:
+    if value is not None and np.isnan(value):
+        raise ValueError(f"{what} is NaN.")
+    return None if value is None else float(value)
+
+
+def verdict_metrics(labels: ArrayLike, scores: ArrayLike, threshold: float | None,
+                    masks: Maps | None = None, maps: Maps | None = None,
+                    pixel_threshold: float | None = None) -> dict[str, float]:
+    """What a line sees at the fitted thresholds, rather than over all thresholds.
+
+    Verdicts follow `Detector.predict`: anomalous when score > threshold (strictly), a pixel is in
+    the defect mask when its map value > pixel_threshold. Returns `VERDICT_KEYS`:
+
+    - `verdict_fpr`: share of good images called anomalous (false alarms);
+    - `verdict_recall`: share of defective images called anomalous;
+    - `verdict_f1`: 2 TP / (2 TP + FP + FN) of the verdicts;
+    - `verdict_balanced_accuracy`: (recall + 1 - fpr) / 2, so a verdict that says "anomalous" to
+      everything scores 0.5 whatever the class balance;
+    - `mask_iou`, `mask_dice`: the predicted mask against the ground truth, computed per defective
+      image with a non-empty mask and then averaged over those images (each defect image counts
+      once, however large its defect; the mask is judged whatever the image verdict);
+    - `pixel_fpr`: share of the pixels of good images inside the predicted mask (pooled).
+
+    A value that the data leaves undefined (no good images, no defective ones, no masks, or no
+    threshold given) is NaN, silently: the benchmark asks for all of them on every category.
+    """
+    y, s = _image_inputs(labels, scores)
+    threshold = _check_threshold(threshold, "threshold")
+    pixel_threshold = _check_threshold(pixel_threshold, "pixel_threshold")
+    nan = float("nan")
+    out = dict.fromkeys(VERDICT_KEYS, nan)
+    if threshold is not None:
+        said = s > threshold
+        tp, fp = int(np.sum(said & y)), int(np.sum(said & ~y))
+        fn = int(np.sum(~said & y))
+        out["verdict_fpr"] = _ratio(fp, int(np.sum(~y)))
+        out["verdict_recall"] = _ratio(tp, int(np.sum(y)))
+        out["verdict_f1"] = _ratio(2 * tp, 2 * tp + fp + fn)
+        out["verdict_balanced_accuracy"] = (out["verdict_recall"] + 1 - out["verdict_fpr"]) / 2
+    if masks is None and maps is None:
+        return out
+    if masks is None or maps is None:
+        raise ValueError("give both masks and maps, or neither.")
+    mask_items, map_items = _items(masks, "masks"), _items(maps, "maps")
+    if not len(mask_items) == len(map_items) == y.size:
+        raise ValueError(f"{y.size} image labels but {len(mask_items)} masks and {len(map_items)} maps.")
+    if pixel_threshold is None:
+        return out
+    ious, dices, good_hits, good_pixels = [], [], 0, 0
+    for i, (label, m, a) in enumerate(zip(y, mask_items, map_items)):
+        if m.shape != a.shape:
+            raise ValueError(f"mask {i} has shape {m.shape} but map {i} has shape {a.shape}.")
+        truth = _binary(m, f"masks[{i}]")
+        predicted = _scores(a, f"maps[{i}]") > pixel_threshold
+        if not label:
+            good_hits += int(np.count_nonzero(predicted))
+            good_pixels += predicted.size
+        elif truth.any():
+            overlap = int(np.count_nonzero(predicted & truth))
+            union = int(np.count_nonzero(predicted | truth))
+            ious.append(overlap / union)
+            dices.append(2 * overlap / (int(np.count_nonzero(predicted)) + int(np.count_nonzero(truth))))
+    out["mask_iou"] = float(np.mean(ious)) if ious else nan
+    out["mask_dice"] = float(np.mean(dices)) if dices else nan
+    out["pixel_fpr"] = _ratio(good_hits, good_pixels)
+    return out

@@ -611,6 +611,7 @@ def _flip(args) -> bytes:
     return bytes(data)
 
 
+@pytest.mark.filterwarnings("ignore::UserWarning")  # PIL's notes on damaged TIFF tags
 @settings(max_examples=300, deadline=None, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=damaged(VALID_IMAGES), suffix=st.sampled_from([".png", ".jpg", ".tif", ".bmp"]))
 def test_fuzz_load_image_raises_only_image_load_error(tmp_path, data, suffix):

@@ -163,3 +163,19 @@ def test_ray_predictions_equal_local_predictions(faults, fake_backbones, parts, 
             assert np.array_equal(theirs.prediction.anomaly_map, mine.prediction.anomaly_map)
             assert np.array_equal(theirs.prediction.mask, mine.prediction.mask)
             assert np.array_equal(theirs.image, mine.image)
+
+
+def test_predict_command_on_ray_writes_the_local_rows(faults, fake_backbones, parts, tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i, image in enumerate(parts["test"][:5]):
+        Image.fromarray(image).save(folder / f"part_{i}.png")
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    model = Detector("texture", **FAST).fit(parts["train"][:3]).save(tmp_path / "model.safetensors")
+    tables = []
+    for name, extra in (("local", []), ("ray", ["--ray", "--workers", "2"])):
+        result = CliRunner().invoke(main, ["predict", str(model), str(folder), "--out", str(tmp_path / name),
+                                           "--batch-size", "2", *extra])
+        assert result.exit_code == 1, result.output  # the broken image is a failed row, the rest scored
+        tables.append((tmp_path / name / "predictions.csv").read_text().replace(f"{tmp_path}/{name}", ""))
+    assert tables[0] == tables[1] and tables[0].count("\n") == 7

@@ -76,13 +76,14 @@ def images() -> dict:
 @pytest.fixture(scope="module")
 def models_dir(tmp_path_factory, fakes, images) -> Path:
     folder = tmp_path_factory.mktemp("models")
-    Detector("texture").fit(images["train"]).save(folder / "parts.safetensors")
+    # a lenient false-alarm target: the stand-in part set is tiny and its held-out scores spread wide
+    Detector("texture", target_fpr=0.05).fit(images["train"]).save(folder / "parts.safetensors")
     return folder
 
 
 @pytest.fixture(scope="module")
 def client(models_dir):
-    app = create_app(models_dir, max_body_mb=0.5, max_pixels=300 * 300, max_files=8)
+    app = create_app(models_dir, max_body_mb=0.5, max_pixels=300 * 300, max_files=8, fit_config={"target_fpr": 0.05})
     with TestClient(app) as c:
         yield c
 

@@ -1,8 +1,8 @@
-"""`astfad` command line: scan | fit | predict | select | benchmark | visualize | demo."""
+"""`astfad` command line: scan | fit | predict | calibrate | select | benchmark | visualize | demo."""
 
 from __future__ import annotations
 
-import csv
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -15,19 +15,30 @@ from astfad import __version__
 
 
 def _parse_settings(settings: Sequence[str]) -> dict[str, Any]:
-    """`key=value` pairs into DetectorConfig overrides, values parsed as YAML scalars/lists."""
+    """`key=value` pairs into DetectorConfig overrides, values parsed as YAML scalars/lists and
+    checked against DetectorConfig's field types (an error names the key and the type)."""
     import yaml
 
     from astfad.config import DetectorConfig
+    from astfad.modelfile import check_config_values
 
     out: dict[str, Any] = {}
     for item in settings:
         key, sep, value = item.partition("=")
         if not sep:
             raise click.BadParameter(f"'{item}' is not key=value", param_hint="--set")
-        out[key.strip()] = yaml.safe_load(value)
+        key, parsed = key.strip(), yaml.safe_load(value)
+        try:
+            check_config_values({key: parsed})
+        except ValueError:
+            try:  # YAML reads 1e-3 as a string; a number field takes it as the number it is
+                parsed = float(parsed) if isinstance(parsed, str) else parsed
+            except ValueError:
+                pass
+        out[key] = parsed
     try:
-        DetectorConfig(**out)
+        check_config_values(out)
+        DetectorConfig.from_dict(out)
     except (TypeError, ValueError) as exc:
         raise click.BadParameter(str(exc), param_hint="--set") from None
     return out
@@ -38,21 +49,32 @@ def _say_error(message: str) -> None:
 
 
 def _readable_images(spec: Sequence[str]) -> list[Path]:
-    """Every image the spec names that decodes; bad ones are reported and left out."""
-    from astfad.data.images import ImageLoadError, list_images, load_image
+    """Every image the spec names that decodes; each bad one (named or found in a folder) is
+    reported on one line and left out."""
+    from astfad.data.images import scan_images
+    from astfad.pipeline import decode
 
     good = []
-    for path in list_images(list(spec)):
-        try:
-            load_image(path)
+    for path, problem in scan_images(list(spec)):
+        problem = problem or decode(path, max_pixels=None)[1]
+        if problem is None:
             good.append(path)
-        except ImageLoadError as exc:
-            _say_error(f"{exc} (skipped)")
+        else:
+            _say_error(f"{problem} (skipped)")
     return good
 
 
+def _one_line(exc: BaseException) -> str:
+    """An error as one line; an OS error names its path (`[Errno 28] ...` becomes
+    `No space left on device: 'out/x.png'`)."""
+    if isinstance(exc, OSError) and exc.strerror and exc.filename is not None:
+        return f"{exc.strerror}: '{exc.filename}'"
+    text = " ".join(str(exc).split())
+    return text or type(exc).__name__
+
+
 class _Group(click.Group):
-    """Turn expected user errors into one red line instead of a traceback."""
+    """Turn expected user errors into one red line instead of a traceback (exit code 2)."""
 
     def invoke(self, ctx: click.Context) -> Any:
         from astfad.backbones.weights import WeightsUnavailableError
@@ -61,10 +83,51 @@ class _Group(click.Group):
 
         try:
             return super().invoke(ctx)
-        except (FileNotFoundError, FileExistsError, ImageLoadError, ModelFileError,
-                WeightsUnavailableError, ValueError) as exc:
-            _say_error(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        except (OSError, ImageLoadError, ModelFileError, WeightsUnavailableError, ValueError) as exc:
+            _say_error(_one_line(exc))
             sys.exit(2)
+
+
+def _writable_ancestor(path: Path) -> None:
+    """Refuse, before any work, a path whose nearest existing folder is not a writable folder."""
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise NotADirectoryError(20, "Not a directory", str(parent))
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise PermissionError(13, "Permission denied", str(parent))
+
+
+def _check_out_file(out: Path, force: bool) -> None:
+    """--out for a model file: not a folder, not an existing file without --force, writable."""
+    if out.is_dir():
+        raise IsADirectoryError(21, "Is a directory (--out needs a model file path)", str(out))
+    if out.exists() and not force:
+        raise FileExistsError(f"'{out}' exists; choose another --out or pass --force")
+    _writable_ancestor(out)
+
+
+def _check_out_folder(out: Path) -> None:
+    """--out for results: a folder (or a path to create one at), writable."""
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(20, "Not a directory (--out needs a folder)", str(out))
+    _writable_ancestor(out / "x")
+
+
+_weights_options = [
+    click.option("--texture-weights", default=None, metavar="FILE",
+                 help="The texture backbone weights the model was fitted with, when not the default "
+                      "(a model file never makes astfad read a path or URL it names)."),
+    click.option("--semantic-weights", default=None, metavar="FILE",
+                 help="The semantic backbone weights the model was fitted with, when not the default."),
+]
+
+
+def _with_weights_options(func):
+    for option in reversed(_weights_options):
+        func = option(func)
+    return func
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -74,6 +137,12 @@ def main() -> None:
 
     Fit a detector on a handful of good images, then get a score, a heat map, a verdict and a
     defect mask for every new image. `astfad demo` runs the whole method on built-in data.
+
+    \b
+    Exit codes:
+      0  done
+      1  done, but some inputs or cells failed (each one is named in a row or a line)
+      2  stopped: a usage error, a bad input or a filesystem error (one line names it)
     """
 
 
@@ -85,6 +154,8 @@ def scan(root: Path, layout: str, categories: tuple[str, ...]) -> None:
     """Count a dataset's images per split and defect type, and list its problems."""
     from astfad.data.datasets import format_scan, scan_dataset
 
+    if not root.is_dir():
+        raise NotADirectoryError(20, "Not a directory" if root.exists() else "No such directory", str(root))
     click.echo(format_scan(scan_dataset(root, layout, categories or None)))
 
 
@@ -100,7 +171,8 @@ def _shots(train: Sequence[str], shots: int | None, seed: int, sampling: str) ->
 _train_options = [
     click.option("--train", "train", multiple=True, required=True,
                  help="Normal images: a folder, a glob or files (repeatable)."),
-    click.option("--shots", type=int, default=None, help="Use k images sampled from --train."),
+    click.option("--shots", type=click.IntRange(min=1), default=None,
+                 help="Use k >= 1 images sampled from --train (default: all of them)."),
     click.option("--seed", type=int, default=0, show_default=True),
     click.option("--sampling", type=click.Choice(["random", "slice"]), default="random", show_default=True,
                  help="random: seeded choice; slice: sorted(train)[seed*k:(seed+1)*k] (AnomalyDINO)."),
@@ -125,8 +197,12 @@ def _with_train_options(func):
 @click.option("--pinned", default=None,
               help="Strategy map (YAML/JSON file, or the preset 'paper'): the --category's entry wins over --strategy.")
 @click.option("--category", default=None, help="The product category, looked up in --pinned.")
+@click.option("--keep-candidates", is_flag=True,
+              help="Also save the experts the applied strategy does not use (by default only its own, "
+                   "which keeps the file small and loads only the backbones it needs).")
 def fit(train: tuple[str, ...], shots: int | None, seed: int, sampling: str, settings: tuple[str, ...],
-        strategy: str, out: Path, force: bool, pinned: str | None, category: str | None) -> None:
+        strategy: str, out: Path, force: bool, pinned: str | None, category: str | None,
+        keep_candidates: bool) -> None:
     """Fit a detector on normal images and save it."""
     from astfad.detector import Detector
     from astfad.selection import SelectionReport, load_pinned, pinned_strategy
@@ -137,14 +213,13 @@ def fit(train: tuple[str, ...], shots: int | None, seed: int, sampling: str, set
             raise click.BadParameter("--pinned needs --category", param_hint="--category")
         strategy = pinned_strategy(category, load_pinned(pinned)) or strategy
         click.echo(f"category '{category}': strategy {strategy} (from {pinned})")
-    if out.exists() and not force:
-        raise FileExistsError(f"'{out}' exists; choose another --out or pass --force")
+    _check_out_file(out, force)
     paths = _shots(train, shots, seed, sampling)
     click.echo(f"fitting '{strategy}' on {len(paths)} normal image(s)")
     det = Detector(strategy, **{"seed": seed, **config}).fit(paths)
     if det.selection:
         click.echo(SelectionReport.from_dict(det.selection).format())
-    det.save(out, overwrite=force)
+    det.save(out, overwrite=force, keep_candidates=keep_candidates)
     click.echo(f"strategy {det.strategy}, image threshold {det.threshold:.4g}, "
                f"fitted in {det.fit_seconds:.1f} s -> {out}")
 
@@ -159,8 +234,8 @@ def select(train: tuple[str, ...], shots: int | None, seed: int, sampling: str, 
     from astfad.selection import SelectionReport
 
     config = _parse_settings(settings)
-    if out is not None and out.exists():
-        raise FileExistsError(f"'{out}' exists; choose another --out")
+    if out is not None:
+        _check_out_file(out, force=False)
     paths = _shots(train, shots, seed, sampling)
     det = Detector("auto", **{"seed": seed, **config}).fit(paths)
     click.echo(SelectionReport.from_dict(det.selection).format())
@@ -169,64 +244,94 @@ def select(train: tuple[str, ...], shots: int | None, seed: int, sampling: str, 
         click.echo(f"saved -> {out}")
 
 
-PREDICT_CHUNK = 16
-
-
-def _unique_name(stem: str, used: set[str]) -> str:
-    """A file stem not yet used in this run (two folders may hold the same file name)."""
-    name, i = stem, 1
-    while name in used:
-        name, i = f"{stem}_{i}", i + 1
-    used.add(name)
-    return name
-
-
 @main.command()
 @click.argument("model", type=click.Path(path_type=Path))
 @click.argument("images", nargs=-1, required=True)
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Output folder.")
-@click.option("--force", is_flag=True, help="Replace an earlier predictions.csv in --out.")
-def predict(model: Path, images: tuple[str, ...], out: Path, force: bool) -> None:
-    """Score images: predictions.csv, heat-map overlays and binary masks in --out."""
-    from PIL import Image
-
-    from astfad.data.images import ImageLoadError, list_images, load_image
+@click.option("--force", is_flag=True,
+              help="Start over: first remove what an earlier run wrote in --out (predictions.csv, "
+                   "the pictures in overlays/ and masks/).")
+@click.option("--resume", is_flag=True,
+              help="Continue a cut-off run in --out: images already in its predictions.csv are skipped.")
+@click.option("--max-pixels", type=click.IntRange(min=1), default=None,
+              help="Refuse images with more pixels, one row each (default 40 million), or see --downscale.")
+@click.option("--downscale", is_flag=True,
+              help="Score images over --max-pixels shrunk to fit instead (their overlay and mask are at "
+                   "the reduced size).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True,
+              help="Images scored together (a batch also stops at 64 million pixels; two batches of "
+                   "decoded images are held at once).")
+@click.option("--ray", "use_ray", is_flag=True,
+              help="Score on Ray workers (pip install 'astfad[ray]'): on --ray-address, else RAY_ADDRESS, "
+                   "else a Ray runtime started here; every node must read MODEL and the images at the same paths.")
+@click.option("--ray-address", default=None, metavar="ADDRESS", help="An existing Ray cluster (implies --ray).")
+@click.option("--workers", type=click.IntRange(min=1), default=None,
+              help="Ray workers (default: one per CPU of the cluster).")
+@_with_weights_options
+def predict(model: Path, images: tuple[str, ...], out: Path, force: bool, resume: bool, max_pixels: int | None,
+            downscale: bool, batch_size: int, use_ray: bool, ray_address: str | None, workers: int | None,
+            texture_weights: str | None, semantic_weights: str | None) -> None:
+    """Score images: predictions.csv (one row per input, bad ones with their error), heat-map
+    overlays (JPEG) and binary masks (PNG) in --out. Rows are written as images finish, so a cut-off run
+    loses nothing and continues with --resume. Exits 1 when some inputs could not be scored."""
+    from astfad.data.images import DEFAULT_MAX_PIXELS, image_size, scan_images
     from astfad.detector import Detector
-    from astfad.visualize import overlay, save_mask
+    from astfad.pipeline import PredictionItem, PredictionOutputs, iter_predictions, overlay_scale, plan_batches
 
-    det = Detector.load(model)
-    paths = list_images(list(images))
-    table = out / "predictions.csv"
-    if table.exists() and not force:
-        raise FileExistsError(f"'{table}' exists; choose another --out or pass --force")
-    (out / "overlays").mkdir(parents=True, exist_ok=True)
-    (out / "masks").mkdir(parents=True, exist_ok=True)
-    norm = det.normalisers["applied"]
-    vmin, vmax = norm.center, max(det.pixel_threshold, norm.center + 4 * norm.scale)
-    used: set[str] = set()
+    if force and resume:
+        raise click.UsageError("--force and --resume exclude each other")
+    max_pixels = max_pixels or DEFAULT_MAX_PIXELS
+    _check_out_folder(out)
+    det = Detector.load(model, texture_weights=texture_weights, semantic_weights=semantic_weights)
+    entries = scan_images(list(images))
     counts = {"anomalous": 0, "normal": 0, "error": 0}
-    with open(table, "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["file", "score", "verdict", "error"])
-        for start in range(0, len(paths), PREDICT_CHUNK):
-            loaded = []
-            for path in paths[start:start + PREDICT_CHUNK]:
-                try:
-                    loaded.append((path, load_image(path)))
-                except ImageLoadError as exc:
-                    _say_error(f"{exc} (skipped)")
-                    writer.writerow([str(path), "", "error", str(exc)])
-                    counts["error"] += 1
-            preds = det.predict([image for _, image in loaded]) if loaded else []
-            for (path, image), pred in zip(loaded, preds):
-                verdict = "anomalous" if pred.is_anomalous else "normal"
-                counts[verdict] += 1
-                writer.writerow([str(path), f"{pred.score:.6g}", verdict, ""])
-                name = _unique_name(path.stem, used)
-                Image.fromarray(overlay(image, pred.anomaly_map, vmin, vmax)).save(out / "overlays" / f"{name}.png")
-                save_mask(pred.mask, out / "masks" / f"{name}.png")
-    click.echo(f"{len(paths)} image(s): {counts['anomalous']} anomalous, {counts['normal']} normal, "
-               f"{counts['error']} unreadable -> {table}")
+    with PredictionOutputs(out, overlay_scale(det), resume=resume, force=force, sync_every=batch_size) as outputs:
+        if outputs.repaired:
+            click.echo(f"repaired a cut-off last row of {outputs.table}")
+        for row in outputs.done.values():
+            counts[row[2]] = counts.get(row[2], 0) + 1
+        if outputs.done:
+            click.echo(f"resuming: {len(outputs.done)} image(s) already in {outputs.table}")
+        # Batches start where an uninterrupted run's would (scores depend a little on a batch's
+        # company), so a resumed run writes exactly the rows an uninterrupted one would.
+        good = [path for path, problem in entries if problem is None]
+        first = next((i for i, path in enumerate(good) if str(path) not in outputs.done), len(good))
+        skip = first if first in (0, len(good)) else \
+            max(b.start for b in plan_batches(good, batch_size, max_pixels) if b.start <= first)
+        if use_ray or ray_address:
+            from astfad.distributed import ray_predictions
+
+            scored = ray_predictions(model, good[skip:], batch_size, workers, ray_address, max_pixels, downscale,
+                                     load_options={"texture_weights": texture_weights,
+                                                   "semantic_weights": semantic_weights})
+        else:
+            scored = iter_predictions(det, good[skip:], batch_size, max_pixels, downscale)
+        fed = set(good[skip:])
+        start, count, downscaled = time.perf_counter(), 0, 0
+        try:
+            for path, problem in entries:
+                if problem is None and path not in fed:
+                    continue  # done, before the batch the run restarts with
+                item = PredictionItem(path, None, None, problem) if problem else next(scored)
+                if str(path) in outputs.done:
+                    continue
+                if item.error is not None:
+                    _say_error(f"{item.error} (skipped)")
+                elif downscale and image_size(path) != item.image.shape[:2]:
+                    downscaled += 1
+                outputs.write(item)
+                counts["error" if item.error else "anomalous" if item.prediction.is_anomalous else "normal"] += 1
+                count += item.error is None
+        finally:
+            scored.close()  # stops the decoding thread (or the Ray dataset) it still holds
+        seconds = time.perf_counter() - start
+    if downscaled:
+        click.echo(f"{downscaled} image(s) over {max_pixels / 1e6:g} MP were scored downscaled")
+    rate = f", {count / seconds:.2f} images/s" if count and seconds > 0 else ""
+    click.echo(f"{sum(counts.values())} input(s): {counts['anomalous']} anomalous, {counts['normal']} normal, "
+               f"{counts['error']} failed -> {outputs.table} ({count} scored in {seconds:.1f} s{rate})")
+    if counts["error"]:
+        sys.exit(1)
 
 
 def _find_truth(path: Path, masks: Path | None) -> Path | None:
@@ -245,22 +350,31 @@ def _find_truth(path: Path, masks: Path | None) -> Path | None:
 @click.argument("images", nargs=-1, required=True)
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Folder for the panels.")
 @click.option("--masks", type=click.Path(path_type=Path), default=None, help="Folder of ground-truth masks.")
-def visualize(model: Path, images: tuple[str, ...], out: Path, masks: Path | None) -> None:
-    """Comparison panels: image | truth | texture | semantic | semantic_adapter | applied."""
-    from astfad.data.images import ImageLoadError, list_images, load_image, load_mask
+@_with_weights_options
+def visualize(model: Path, images: tuple[str, ...], out: Path, masks: Path | None, texture_weights: str | None,
+              semantic_weights: str | None) -> None:
+    """Comparison panels: image | truth | each saved expert | applied. Exits 1 when some inputs
+    could not be drawn."""
+    from astfad.data.images import ImageLoadError, load_mask, scan_images
     from astfad.detector import Detector
+    from astfad.pipeline import decode, unique_name
     from astfad.visualize import zscore_panel
 
-    det = Detector.load(model)
+    _check_out_folder(out)
+    det = Detector.load(model, texture_weights=texture_weights, semantic_weights=semantic_weights)
     out.mkdir(parents=True, exist_ok=True)
     used: set[str] = set()
-    for path in list_images(list(images)):
+    failed = 0
+    for path, problem in scan_images(list(images)):
+        image, problem = decode(path) if problem is None else (None, problem)
         try:
-            image = load_image(path)
-            truth_path = _find_truth(path, masks)
+            truth_path = _find_truth(path, masks) if image is not None else None
             truth = load_mask(truth_path, image.shape[:2], path) if truth_path else None
         except ImageLoadError as exc:
-            _say_error(f"{exc} (skipped)")
+            problem = str(exc)
+        if problem is not None:
+            _say_error(f"{problem} (skipped)")
+            failed += 1
             continue
         feats = det.extract([image], strategy="all")
         expert_maps = det.expert_maps(feats)
@@ -268,22 +382,66 @@ def visualize(model: Path, images: tuple[str, ...], out: Path, masks: Path | Non
         score = float(det.scores(det.strategy, applied, feats.get("texture"))[0])
         maps = det.display_maps({n: m[0] for n, m in expert_maps.items()}, applied[0])
         verdict = "anomalous" if score > det.threshold else "normal"
-        name = _unique_name(path.stem, used)
+        name = unique_name(path.stem, used)
         zscore_panel(image, {k: v.numpy() for k, v in maps.items()}, truth,
                      f"{path.name}: score {score:.3g} ({verdict}, threshold {det.threshold:.3g})",
                      out / f"{name}.png")
         click.echo(f"{path} -> {out / (name + '.png')}")
+    if failed:
+        sys.exit(1)
 
 
-def _run_benchmark(spec) -> Path:
+@main.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--normal", multiple=True, required=True,
+              help="Good images to calibrate on: a folder, a glob or files (repeatable; at least two).")
+@click.option("--fpr", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,
+              help="Target rate of good parts called anomalous (default: the model's).")
+@click.option("--pixel-fpr", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,
+              help="Target per-pixel false-positive rate of the defect masks (default: the model's).")
+@click.option("--threshold", type=float, default=None, help="Set the image threshold by hand instead of --fpr.")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="The calibrated model file to write.")
+@click.option("--force", is_flag=True, help="Replace an existing --out (needed when --out is MODEL).")
+@_with_weights_options
+def calibrate(model: Path, normal: tuple[str, ...], fpr: float | None, pixel_fpr: float | None,
+              threshold: float | None, out: Path, force: bool, texture_weights: str | None,
+              semantic_weights: str | None) -> None:
+    """Refit a model's normalisers and thresholds on more good images; saves a new model file."""
+    import math
+
+    from astfad.detector import Detector
+
+    if threshold is not None and not math.isfinite(threshold):
+        raise click.BadParameter(f"must be a finite number, got {threshold}", param_hint="--threshold")
+    _check_out_file(out, force)
+    det = Detector.load(model, texture_weights=texture_weights, semantic_weights=semantic_weights)
+    images = _readable_images(normal)
+    det.calibrate(images, target_fpr=fpr, pixel_target_fpr=pixel_fpr)
+    if threshold is not None:
+        det.config.threshold = det.threshold = threshold
+    det.save(out, overwrite=force, keep_candidates=True)  # keeps every expert MODEL held
+    click.echo(f"calibrated on {len(images)} good image(s): image threshold {det.threshold:.4g}, "
+               f"pixel threshold {det.pixel_threshold:.4g} -> {out}")
+
+
+def _run_benchmark(spec, executor=None) -> Path:
+    """Run (or resume) a benchmark and write its reports; exit 1 after writing them when some
+    cells could not run."""
     from astfad.benchmark import Benchmark, write_reports
 
     start = time.perf_counter()
-    rows = Benchmark(spec, log=click.echo).run()
+    bench = Benchmark(spec, log=click.echo, executor=executor)
+    rows = bench.run()
     if not rows:
-        raise ValueError(f"no finished cells in '{spec.out}'; see {spec.out / 'benchmark.log'}")
-    paths = write_reports(spec.out, rows)
+        raise ValueError(f"no finished cells in '{spec.out}' ({len(bench.failures)} failed); "
+                         f"see {spec.out / 'benchmark.log'}")
+    paths = write_reports(spec.out, rows, bench.failures)
     click.echo(f"benchmark finished in {time.perf_counter() - start:.0f} s")
+    if bench.failures:
+        _say_error(f"{len(bench.failures)} cell(s) could not run: see 'Failed cells' in {paths[0]} "
+                   "(rerun to retry them)")
+        click.echo(f"report: {paths[0]}")
+        sys.exit(1)
     return paths[0]
 
 
@@ -300,17 +458,28 @@ def _run_benchmark(spec) -> Path:
 @click.option("--sampling", type=click.Choice(["random", "slice"]), default="random", show_default=True)
 @click.option("--set", "settings", multiple=True, metavar="KEY=VALUE", help="Detector setting (repeatable).")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Results folder (resumable).")
+@click.option("--ray", "use_ray", is_flag=True,
+              help="Run the cells as Ray tasks (pip install 'astfad[ray]'): on --ray-address, else "
+                   "RAY_ADDRESS, else a Ray runtime started on this machine.")
+@click.option("--ray-address", default=None, metavar="ADDRESS",
+              help="An existing Ray cluster, e.g. ray://head:10001 (implies --ray).")
 def benchmark(data: Path, layout: str, categories: tuple[str, ...], shots: tuple[str, ...],
               seeds: tuple[str, ...], strategies: tuple[str, ...], pinned: str | None, sampling: str,
-              settings: tuple[str, ...], out: Path) -> None:
-    """Evaluate strategies over categories, shot counts and seeds; rerun to resume."""
+              settings: tuple[str, ...], out: Path, use_ray: bool, ray_address: str | None) -> None:
+    """Evaluate strategies over categories, shot counts and seeds; rerun to resume.
+    Exits 1 when some cells could not run (listed in summary.md)."""
     from astfad.benchmark import FIXED_STRATEGIES, BenchmarkSpec
 
     spec = BenchmarkSpec(data=data, out=out, layout=layout, categories=_split(categories) or None,
-                         shots=_ints(shots, "--shots"), seeds=_ints(seeds, "--seeds"),
+                         shots=_ints(shots, "--shots", minimum=1), seeds=_ints(seeds, "--seeds"),
                          strategies=_split(strategies) or (*FIXED_STRATEGIES, "auto"),
                          sampling=sampling, pinned=pinned, config=_parse_settings(settings))
-    summary = _run_benchmark(spec)
+    executor = None
+    if use_ray or ray_address:
+        from astfad.distributed import RayExecutor
+
+        executor = RayExecutor(ray_address)
+    summary = _run_benchmark(spec, executor)
     click.echo(f"report: {summary}")
 
 
@@ -319,11 +488,14 @@ def _split(values: Sequence[str]) -> tuple[str, ...]:
     return tuple(x.strip() for v in values or () for x in v.split(",") if x.strip())
 
 
-def _ints(values: Sequence[str], option: str) -> tuple[int, ...]:
+def _ints(values: Sequence[str], option: str, minimum: int = 0) -> tuple[int, ...]:
     try:
-        return tuple(int(x) for x in _split(values))
+        numbers = tuple(int(x) for x in _split(values))
     except ValueError:
         raise click.BadParameter(f"expected whole numbers, got {' '.join(values)}", param_hint=option) from None
+    if any(n < minimum for n in numbers):
+        raise click.BadParameter(f"every value must be at least {minimum}, got {' '.join(values)}", param_hint=option)
+    return numbers
 
 
 DEMO_SETTINGS = {"semantic_size": 224, "texture_size": 256}
@@ -351,3 +523,13 @@ def demo(data: Path | None, out: Path, settings: tuple[str, ...]) -> None:
     text = summary.read_text()
     click.echo(text)
     click.echo(f"report: {summary}\nplots: {spec.out}/*.png\npanels: {spec.out / 'panels'}")
+
+
+def _register_service_commands() -> None:
+    """`serve` lives in astfad.serve (FastAPI is imported only when it runs)."""
+    from astfad.serve.command import serve
+
+    main.add_command(serve)
+
+
+_register_service_commands()

@@ -107,6 +107,13 @@ class DetectorConfig:
         for name in ("texture_size", "semantic_size", "eval_size"):
             if getattr(self, name) < 32:
                 raise ValueError(f"{name} must be at least 32 pixels")
+        from astfad.runtime import RUNTIMES
+
+        if self.runtime not in RUNTIMES:
+            raise ValueError(f"runtime must be one of {RUNTIMES}, got '{self.runtime}'")
+        if self.threads is not None and (isinstance(self.threads, bool) or int(self.threads) != self.threads
+                                         or self.threads < 1):
+            raise ValueError(f"threads must be a whole number >= 1 or None (all cores), got {self.threads!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -12,10 +12,8 @@ Fitting, for any strategy:
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
-import tempfile
 import time
 import zlib
 from collections.abc import Callable, Sequence
@@ -26,11 +24,9 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
-from safetensors import safe_open
-from safetensors.torch import save_file
 
 from astfad import __version__
-from astfad.backbones import load_backbone
+from astfad.backbones import available_offline, default_weights_url, load_backbone
 from astfad.config import DetectorConfig, experts_of, grid_for, parse_strategy
 from astfad.data.images import load_image
 from astfad.data.views import Source, normal_view, rotate, view_to_source
@@ -40,6 +36,7 @@ from astfad.experts.semantic import SemanticExpert
 from astfad.experts.texture import TextureExpert
 from astfad.features import FeatureCache, Featurizer, resolve_device, semantic_reader, texture_reader
 from astfad.fusion import Normaliser, fuse
+from astfad.modelfile import ModelFileError, read_model_file, write_model_file
 from astfad.scoring import image_scores, mask_to_grid, to_eval_grid, to_image_size
 from astfad.selection import (CANDIDATES, DEFAULT_STRATEGY, MAX_ANOMALIES, MIN_ANOMALIES, Evidence,
                               SelectionReport, choose_strategy, synthetic_anomalies)
@@ -60,13 +57,9 @@ OFFLINE_VIT_LAYERS = (7,)
 ImageInput = str | os.PathLike | Image.Image | np.ndarray
 
 
-class ModelFileError(ValueError):
-    """A saved detector that cannot be loaded: wrong file, missing part, incompatible version."""
-
-
 @dataclass
 class Prediction:
-    """One image's result: `anomaly_map` and `mask` are at the image's own size."""
+    """One image's result: `anomaly_map` (float32) and `mask` (bool) are at the image's own size."""
 
     score: float
     anomaly_map: np.ndarray
@@ -149,7 +142,8 @@ class Detector:
 
     # ---------------------------------------------------------------- features
     def featurizer(self, family: str) -> Featurizer:
-        """The texture or semantic featurizer, loading its backbone on first use."""
+        """The texture or semantic featurizer, loading its backbone on first use; its reader runs
+        in the configured runtime, on the configured threads (astfad.runtime)."""
         if family not in self.featurizers:
             cfg = self.config
             if family == "texture":
@@ -157,14 +151,14 @@ class Detector:
                 read = texture_reader(backbone, cfg.texture_pool, TEXTURE_MAX_DIMS)
                 identity = f"{backbone.backbone_id}|pool{cfg.texture_pool}"
                 self.featurizers[family] = Featurizer(backbone, cfg.texture_size, 16, read, identity,
-                                                      self.device, 8, self.cache)
+                                                      self.device, 8, self.cache, cfg.runtime, cfg.threads)
             elif family == "semantic":
                 backbone = load_backbone(cfg.semantic_backbone, cfg.semantic_weights, self.device)
                 layers = semantic_layers(cfg, backbone.num_blocks)
                 identity = f"{backbone.backbone_id}|layers{','.join(map(str, layers))}"
                 self.featurizers[family] = Featurizer(backbone, cfg.semantic_size, backbone.patch_size,
                                                       semantic_reader(backbone, layers), identity,
-                                                      self.device, 4, self.cache)
+                                                      self.device, 4, self.cache, cfg.runtime, cfg.threads)
             else:
                 raise ValueError(f"unknown feature family '{family}'")
         return self.featurizers[family]
@@ -476,24 +470,34 @@ class Detector:
         """Backbone features of test images for the families a strategy (or 'all') needs."""
         return {f: self.features(f, arrays, keys) for f in self.families(strategy)}
 
-    def predict(self, images: Sequence[ImageInput], batch_size: int = 16) -> list[Prediction]:
-        """Score images; ImageLoadError (naming the file) for an unreadable one."""
+    def score_arrays(self, arrays: Sequence[np.ndarray], keys: Sequence[str | None] | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The applied strategy's (B, H, W) maps on the evaluation grid and (B,) image scores of
+        decoded images: one backbone pass per family for the whole batch."""
         if self.strategy is None:
             raise RuntimeError("the detector is not fitted; call fit() or Detector.load()")
+        feats = self.extract(arrays, keys)
+        maps = self.combine(self.strategy, self.expert_maps(feats, experts=experts_of(self.strategy)))
+        return maps, self.scores(self.strategy, maps, feats.get("texture"))
+
+    def prediction(self, eval_map: torch.Tensor, score: torch.Tensor | float, size: tuple[int, int],
+                   path: str | None = None) -> Prediction:
+        """One image's Prediction from its evaluation-grid map and score, the map resized to the
+        image's (height, width) in float32 (made one image at a time: full-size maps are big)."""
+        full = to_image_size(eval_map, tuple(size)).numpy()
+        return Prediction(float(score), full, bool(score > self.threshold), full > self.pixel_threshold, path)
+
+    def predict(self, images: Sequence[ImageInput], batch_size: int = 16) -> list[Prediction]:
+        """Score images; ImageLoadError (naming the file) for an unreadable one. For many files,
+        `astfad.pipeline.iter_predictions` streams instead and reports bad inputs one by one."""
         images = as_list(images)
         out: list[Prediction] = []
-        needed = experts_of(self.strategy)
         for start in range(0, len(images), batch_size):
             chunk = list(images[start:start + batch_size])
-            arrays, keys = self.load_images(chunk)
-            feats = self.extract(arrays, keys)
-            maps = self.combine(self.strategy, self.expert_maps(feats, experts=needed))
-            scores = self.scores(self.strategy, maps, feats.get("texture"))
-            for source, array, eval_map, score in zip(chunk, arrays, maps, scores):
-                full = to_image_size(eval_map, array.shape[:2]).numpy().astype(np.float32)
-                out.append(Prediction(float(score), full, bool(score > self.threshold),
-                                      full > self.pixel_threshold,
-                                      str(source) if isinstance(source, (str, os.PathLike)) else None))
+            arrays, _ = self.load_images(chunk)
+            maps, scores = self.score_arrays(arrays)  # no keys: test images are not cached
+            out += [self.prediction(m, s, a.shape[:2], str(x) if isinstance(x, (str, os.PathLike)) else None)
+                    for x, a, m, s in zip(chunk, arrays, maps, scores)]
         return out
 
     # ---------------------------------------------------------------- persistence
@@ -507,73 +511,81 @@ class Detector:
                 "selection": self.selection, "adapter_stats": self.adapter_stats,
                 "fit_seconds": self.fit_seconds}
 
-    def save(self, path: str | os.PathLike, overwrite: bool = False) -> Path:
-        """One safetensors file: tensors of every expert, JSON metadata in its header."""
+    def save(self, path: str | os.PathLike, overwrite: bool = False, keep_candidates: bool = False) -> Path:
+        """One safetensors file, written atomically: the tensors of the experts the applied
+        strategy needs (every fitted expert with `keep_candidates`), JSON metadata in its header
+        with a checksum of the tensors. Banks stay float32: in float16 a fusion's z-scored image
+        score moved by up to 0.15 (stand-in backbones), and a loaded detector must score exactly
+        as the fitted one."""
         if self.strategy is None:
             raise RuntimeError("cannot save a detector that is not fitted")
-        path = Path(path)
-        if path.exists() and not overwrite:
-            raise FileExistsError(f"'{path}' exists; choose another path or pass overwrite=True")
-        tensors = {f"{name}.{key}": t.detach().cpu().contiguous()
-                   for name, expert in self.experts.items() for key, t in expert.tensors().items()}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".astfad-", suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata={"astfad": json.dumps(self.metadata())})
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        return path
+        names = sorted(self.experts) if keep_candidates else sorted(experts_of(self.strategy))
+        families = {family_of(name) for name in names}
+        meta = self.metadata()
+        meta.update(experts=names,
+                    normalisers={k: v for k, v in meta["normalisers"].items() if k in names or k == "applied"},
+                    backbones={f: i for f, i in meta["backbones"].items() if f in families})
+        tensors = {f"{name}.{key}": t for name in names for key, t in self.experts[name].tensors().items()}
+        return write_model_file(path, meta, tensors, overwrite)
 
     @classmethod
-    def load(cls, path: str | os.PathLike, device: str | None = None,
-             cache: FeatureCache | None = None) -> "Detector":
-        """Load a saved detector; ModelFileError names the file and what is wrong."""
+    def load(cls, path: str | os.PathLike, device: str | None = None, cache: FeatureCache | None = None,
+             texture_weights: str | None = None, semantic_weights: str | None = None) -> "Detector":
+        """Load a saved detector; ModelFileError names the file and what is wrong.
+
+        Only the saved experts are built and only their backbones loaded. Loading never fetches
+        anything, and never reads a weights file or URL named inside the model file: a model
+        fitted with `semantic_weights=X` needs `Detector.load(path, semantic_weights=X)` again."""
         path = Path(path)
-        if not path.is_file():
-            raise ModelFileError(f"no saved detector at '{path}'")
-        try:
-            with safe_open(str(path), framework="pt") as handle:
-                header = handle.metadata() or {}
-                tensors = {key: handle.get_tensor(key) for key in handle.keys()}
-        except Exception as exc:  # safetensors raises several types for a foreign file
-            raise ModelFileError(f"'{path}' is not an astfad detector file ({exc})") from None
-        if "astfad" not in header:
-            raise ModelFileError(f"'{path}' is a safetensors file without astfad metadata")
-        meta = json.loads(header["astfad"])
-        if meta.get("format") != FORMAT_VERSION:
-            raise ModelFileError(f"'{path}' has detector format {meta.get('format')} "
-                                 f"(astfad {meta.get('astfad_version')}); this astfad "
-                                 f"({__version__}) reads format {FORMAT_VERSION}: refit it")
+        meta, tensors = read_model_file(path, FORMAT_VERSION)
         config = dict(meta["config"])
         if device is not None:
             config["device"] = device
-        strategy = config.pop("strategy")
-        detector = cls(strategy, cache=cache, **config)
-        detector.strategy, detector.aspect, detector.shots = meta["strategy"], meta["aspect"], meta["shots"]
-        detector.threshold, detector.pixel_threshold = meta["threshold"], meta["pixel_threshold"]
-        detector.threshold_models = {k: ThresholdModel.from_dict(v) for k, v in meta["threshold_models"].items()}
-        detector.selection, detector.adapter_stats = meta.get("selection"), meta.get("adapter_stats", {})
+        if str(config.get("device", "auto")).startswith("cuda") and not torch.cuda.is_available():
+            raise ModelFileError(f"'{path}' asks for device {config['device']!r}, which this machine lacks: "
+                                 "load it with device='cpu'")
+        names = meta["experts"]
+        families = sorted({family_of(name) for name in names})
+        given = {"texture": texture_weights, "semantic": semantic_weights}
+        for family in families:
+            key = f"{family}_weights"
+            backbone = config.get(f"{family}_backbone", getattr(DetectorConfig, f"{family}_backbone"))
+            if config.get(key) is not None and given[family] is None:
+                raise ModelFileError(
+                    f"'{path}' was fitted with {key}={config[key]!r}, and a model file never makes astfad "
+                    f"read a path or URL it names: pass the weights again, Detector.load(path, {key}=...) "
+                    f"(command line: --{key.replace('_', '-')} ...)")
+            if given[family] is None and default_weights_url(backbone) and not available_offline(backbone):
+                raise ModelFileError(
+                    f"'{path}' needs backbone '{backbone}', whose weights are not on this machine, and "
+                    f"loading a model never downloads: pass a local file, Detector.load(path, {key}=...)")
+            config[key] = given[family]
+            if family not in meta["backbones"]:
+                raise ModelFileError(f"'{path}': field 'backbones' lacks '{family}', which expert(s) "
+                                     f"{', '.join(n for n in names if family_of(n) == family)} read")
+        strategy = config.pop("strategy", DetectorConfig.strategy)
+        try:
+            detector = cls(strategy, cache=cache, **config)
+        except (TypeError, ValueError) as exc:
+            raise ModelFileError(f"'{path}': field 'config' {' '.join(str(exc).split())}") from None
+        for key in ("strategy", "aspect", "shots", "threshold", "pixel_threshold", "fit_seconds"):
+            setattr(detector, key, meta.get(key, getattr(detector, key)))
+        detector.selection, detector.adapter_stats = meta.get("selection"), meta.get("adapter_stats") or {}
+        detector.threshold_models = {k: ThresholdModel.from_dict(v)
+                                     for k, v in (meta.get("threshold_models") or {}).items()}
         detector.normalisers = {k: Normaliser.from_list(v) for k, v in meta["normalisers"].items()}
-        detector.fit_seconds = meta.get("fit_seconds", 0.0)
-        for name in meta["experts"]:
-            expert = {"texture": lambda: TextureExpert(None),
-                      "semantic": lambda: SemanticExpert(detector.config.mask_background),
-                      "semantic_adapter": lambda: AdaptedSemanticExpert(None, detector.config.mask_background),
-                      }[name]()
-            prefix = f"{name}."
-            part = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-            if "bank" not in part:
-                raise ModelFileError(f"'{path}' lacks the memory bank of expert '{name}'")
-            expert.load_tensors(part)
+        builders = {"texture": lambda: TextureExpert(None),
+                    "semantic": lambda: SemanticExpert(detector.config.mask_background),
+                    "semantic_adapter": lambda: AdaptedSemanticExpert(None, detector.config.mask_background)}
+        for name in names:
+            expert = builders[name]()
+            expert.load_tensors({k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(f"{name}.")})
             detector.experts[name] = expert
-        for family, saved_id in meta["backbones"].items():
+        for family in families:
             current = detector.featurizer(family).backbone.backbone_id
-            if current != saved_id:
-                raise ModelFileError(f"'{path}' was fitted with backbone {saved_id}, but this "
-                                     f"installation provides {current}: install the same weights or refit")
+            if current != meta["backbones"][family]:
+                raise ModelFileError(f"'{path}' was fitted with backbone {meta['backbones'][family]}, but "
+                                     f"this installation provides {current}: install the same weights or refit")
         detector._move_banks()
         return detector
 

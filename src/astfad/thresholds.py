@@ -4,8 +4,13 @@ A raw quantile of a handful of normal scores is in effect their maximum: with fo
 the "0.99 quantile" says nothing about 1% of future good parts. Here:
   - image scores: a Gaussian fitted to the normal image scores (held-out shots and views, each
     scored without its own content); the threshold for a target false-positive rate `fpr` is
-    mean + std * z(1 - fpr). Its standard deviation is floored at a small fraction of the mean's
-    magnitude so that identical scores do not give a threshold at the normal score itself;
+    mean + TAIL_WIDENING * z(1 - fpr) * std. Good test parts spread further than held-out shots
+    do (new lighting, new part variation), so the plain Gaussian tail let through 7% false alarms
+    at a 1% target on the five real categories (4 shots, 3 seeds, 4 strategies). The widening
+    factor 2.0 was chosen by leave-one-category-out with `benchmarks/threshold_models.py` (robust,
+    log-normal and widened variants compared; 4 of 5 folds chose this model, the fifth the
+    log-normal with the same factor). The standard deviation is floored at a small fraction of the
+    mean so that identical scores do not give a threshold at the normal score itself;
   - pixel values: a generalised Pareto tail (peaks over the 95th percentile) fitted to the normal
     maps' pixels, which extrapolates to per-pixel rates that a few images cannot show directly.
 Both models are a few numbers, saved with the detector, so any target rate can be asked for later
@@ -24,6 +29,7 @@ from scipy import stats
 TAIL_QUANTILE = 0.95
 MAX_TAIL_VALUES = 20000
 MIN_STD_FRACTION = 0.02
+TAIL_WIDENING = 2.0
 
 
 def _check_rate(rate: float) -> float:
@@ -35,7 +41,7 @@ def _check_rate(rate: float) -> float:
 
 @dataclass
 class ScoreModel:
-    """Gaussian model of normal image scores."""
+    """Gaussian model of normal image scores; thresholds use a widened tail (TAIL_WIDENING)."""
 
     mean: float
     std: float
@@ -52,10 +58,10 @@ class ScoreModel:
         return cls(mean, max(std, floor), int(values.size))
 
     def threshold(self, fpr: float) -> float:
-        return self.mean + self.std * float(stats.norm.isf(_check_rate(fpr)))
+        return self.mean + TAIL_WIDENING * self.std * float(stats.norm.isf(_check_rate(fpr)))
 
     def exceedance(self, scores: np.ndarray) -> np.ndarray:
-        """The model's probability that a normal score is below each score (0.5 at the mean)."""
+        """The (unwidened) model's probability that a normal score is below each score."""
         return stats.norm.cdf((np.asarray(scores, dtype=np.float64) - self.mean) / self.std)
 
 

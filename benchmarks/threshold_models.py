@@ -1,0 +1,149 @@
+"""Which model of normal image scores gives thresholds that hold their false-positive rate?
+
+Collects, per (category, shots, seed, strategy), the held-out normal scores a detector fits its
+threshold model on and the scores of the category's test images (subsampled to at most --max-test
+per label), then compares score models by leave-one-category-out: for each category, the model
+chosen on the OTHER categories (closest mean false-positive rate to the target) is applied to it.
+Nothing here is tuned on the category a figure is reported for.
+
+    python benchmarks/threshold_models.py --data ../shared/data --shots 4 --seeds 0 1 2 --out runs/thresholds.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy import stats
+
+from astfad.benchmark import category_aspect
+from astfad.config import experts_of
+from astfad.data.datasets import sample_shots, scan_dataset
+from astfad.data.images import load_image
+from astfad.detector import Detector
+
+STRATEGIES = ("texture", "semantic", "fusion_add", "fusion_max")
+
+
+def collect(data: Path, shots: list[int], seeds: list[int], max_test: int) -> list[dict]:
+    rows = []
+    for category in scan_dataset(data):
+        good = [s for s in category.test if not s.label]
+        bad = [s for s in category.test if s.label]
+        rng = np.random.default_rng(0)
+        pick = lambda xs: [xs[i] for i in sorted(rng.choice(len(xs), min(max_test, len(xs)), replace=False))]
+        test = pick(good) + pick(bad)
+        images = [load_image(s.path) for s in test]
+        keys = [str(s.path) for s in test]
+        labels = [s.label for s in test]
+        cache: dict = {}
+        for k in shots:
+            for seed in seeds:
+                train = sample_shots(category.train, k, seed)
+                det = Detector("fusion_add", cache=cache, seed=seed, aspect_ratio=category_aspect(category))
+                captured = {}
+                original = det._fit_thresholds
+
+                def spy(normal_maps, normal_scores, original=original):
+                    captured.update({n: s.tolist() for n, s in normal_scores.items()})
+                    return original(normal_maps, normal_scores)
+
+                det._fit_thresholds = spy
+                det.fit([s.path for s in train])
+                feats = det.extract(images, keys, "all")
+                maps = det.expert_maps(feats)
+                for strategy in STRATEGIES:
+                    scores = det.scores(strategy, det.combine(strategy, maps), feats.get("texture"))
+                    rows.append({"category": category.name, "shots": k, "seed": seed, "strategy": strategy,
+                                 "normal": captured[strategy], "test": scores.tolist(), "labels": labels})
+                print(category.name, k, seed, flush=True)
+    return rows
+
+
+def _robust(x: np.ndarray) -> tuple[float, float]:
+    centre = float(np.median(x))
+    scale = 1.4826 * float(np.median(np.abs(x - centre)))
+    return centre, scale if scale > 0 else float(x.std(ddof=1))
+
+
+def threshold(model: str, normal: list[float], fpr: float) -> float:
+    """`model` is a family name, optionally `@c`: the tail's z-value widened by the factor c."""
+    model, _, widen = model.partition("@")
+    x = np.asarray(normal, dtype=np.float64)
+    z = float(stats.norm.isf(fpr)) * (float(widen) if widen else 1.0)
+    positive = (x > 0).all()
+    if model == "gaussian":
+        return x.mean() + z * x.std(ddof=1)
+    if model == "robust":
+        c, s = _robust(x)
+        return c + z * s
+    if model in ("lognormal", "robust_lognormal") and positive:
+        lx = np.log(x)
+        c, s = (lx.mean(), lx.std(ddof=1)) if model == "lognormal" else _robust(lx)
+        return float(np.exp(c + z * s))
+    if model in ("lognormal", "robust_lognormal"):
+        return threshold(("gaussian" if model == "lognormal" else "robust") + (f"@{widen}" if widen else ""),
+                         normal, fpr)
+    if model == "max":
+        return float(x.max())
+    raise ValueError(model)
+
+
+MODELS = ("gaussian", "robust", "lognormal", "robust_lognormal", "max",
+          *(f"{family}@{c}" for family in ("gaussian", "lognormal") for c in (1.25, 1.5, 2.0)))
+
+
+def evaluate(rows: list[dict], fpr: float) -> None:
+    out: dict = {}
+    for r in rows:
+        test, labels = np.asarray(r["test"]), np.asarray(r["labels"], bool)
+        for m in MODELS:
+            t = threshold(m, r["normal"], fpr)
+            out.setdefault((r["category"], r["strategy"], m), []).append(
+                (np.mean(test[~labels] > t), np.mean(test[labels] > t)))
+    categories = sorted({r["category"] for r in rows})
+    strategies = sorted({r["strategy"] for r in rows})
+    print(f"\ntarget false-positive rate {fpr}: test FPR / recall per model (mean over shots, seeds, strategies)")
+    print("| model | " + " | ".join(categories) + " | mean |")
+    print("|---|" + "---|" * (len(categories) + 1))
+    table = {}
+    for m in MODELS:
+        cells = []
+        for c in categories:
+            vals = np.array([v for s in strategies for v in out[(c, s, m)]])
+            table[(m, c)] = vals.mean(axis=0)
+            cells.append(f"{vals[:, 0].mean():.3f} / {vals[:, 1].mean():.2f}")
+        allv = np.array([table[(m, c)] for c in categories])
+        print(f"| {m} | " + " | ".join(cells) + f" | {allv[:, 0].mean():.3f} / {allv[:, 1].mean():.2f} |")
+    print("\nleave-one-category-out: model chosen on the other categories (mean |FPR - target| smallest)")
+    for c in categories:
+        others = [o for o in categories if o != c]
+        best = min(MODELS, key=lambda m: np.mean([abs(table[(m, o)][0] - fpr) for o in others]))
+        fp, rec = table[(best, c)]
+        print(f"- {c}: chose {best} on {', '.join(others)} -> FPR {fp:.3f}, recall {rec:.2f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, default=Path("../shared/data"))
+    parser.add_argument("--shots", type=int, nargs="+", default=[4])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--max-test", type=int, default=40)
+    parser.add_argument("--fpr", type=float, default=0.01)
+    parser.add_argument("--out", type=Path, default=Path("runs/thresholds.json"))
+    args = parser.parse_args()
+    if args.out.exists():
+        rows = json.loads(args.out.read_text())
+    else:
+        rows = collect(args.data, args.shots, args.seeds, args.max_test)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(rows))
+    evaluate(rows, args.fpr)
+
+
+if __name__ == "__main__":
+    torch.set_grad_enabled(False)
+    main()

@@ -8,8 +8,8 @@ from astfad.detector import FORMAT_VERSION, Detector, ModelFileError
 from astfad.metrics import image_auroc
 
 FAST = dict(semantic_size=112, texture_size=112, eval_size=112, adapter_steps=20)
-STRATEGIES = ["texture", "semantic", "semantic_adapter", "fusion_add", "fusion_mul",
-              "fusion_max", "fusion_weighted_sum:0.3"]
+STRATEGIES = ["texture", "semantic", "semantic_adapter", "subspace", "fusion_add", "fusion_mul",
+              "fusion_max", "fusion_weighted_sum:0.3", "fusion_max:texture+subspace"]
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
@@ -50,7 +50,7 @@ def test_auto_selects_with_a_report(fake_backbones, parts):
     det = Detector("auto", **FAST).fit(parts["train"])
     report = det.selection
     assert report["choice"] == det.strategy
-    assert len(report["scores"]) == 8  # fusion_weighted_sum:0.5 is fusion_add halved: not a candidate
+    assert len(report["scores"]) == 9  # fusion_weighted_sum:0.5 is fusion_add halved: not a candidate
     assert report["validation"]["anomalous"] >= 16
     chosen = report["scores"][det.strategy]
     assert det.strategy == "semantic" or chosen["gain_low"] > 0  # the default, unless beaten beyond noise
@@ -70,10 +70,10 @@ def test_held_out_adapter_pairs_leave_out_their_group(fake_backbones, parts):
     for shots in (1, 4):
         det = Detector("semantic", **FAST).fit(parts["train"][:shots])
         normal = det._normal_set(parts["train"][:shots], [None] * shots, ["semantic"], True)
-        _, _, everyone = det._adapter_pairs(normal)
+        _, _, everyone = det._view_pairs(normal, "semantic")
         assert len(set(owner_group(everyone, shots == 1).tolist())) == 2
         for group in (0, 1):
-            _, _, owners = det._adapter_pairs(normal, group)
+            _, _, owners = det._view_pairs(normal, "semantic", group)
             assert len(owners) and (owner_group(owners, shots == 1) != group).all()
 
 
@@ -151,7 +151,7 @@ def test_fit_is_deterministic(fake_backbones, parts):
     assert a == b
 
 
-@pytest.mark.parametrize("strategy", ["semantic_adapter", "fusion_mul", "texture"])
+@pytest.mark.parametrize("strategy", ["semantic_adapter", "fusion_mul", "texture", "subspace"])
 def test_save_load_round_trip_gives_identical_scores(fake_backbones, parts, tmp_path, strategy):
     det = Detector(strategy, mask_background=True, **FAST).fit(parts["train"])
     path = det.save(tmp_path / "model.safetensors")

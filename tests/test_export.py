@@ -57,6 +57,7 @@ def assert_equivalent(det, arrays, tmp_path, real=False):
 @pytest.mark.parametrize("strategy, extra", [
     ("texture", {}), ("semantic", {}), ("semantic", {"mask_background": True}),
     ("semantic_adapter", {}), ("fusion_add", {}), ("fusion_mul", {}), ("fusion_weighted_sum:0.3", {}),
+    ("subspace", {}), ("fusion_max:texture+subspace", {}),
     ("texture", {"image_score": "max"})])
 def test_graph_matches_predict_with_stand_in_backbones(tiny_backbones, parts, tmp_path, strategy, extra):
     det = Detector(strategy, **FAST, **extra).fit(parts["train"][:4])
@@ -144,3 +145,18 @@ def test_readme_snippet_runs_without_astfad(tiny_backbones, parts, tmp_path):
     pred = det.predict([parts["test"][5]])[0]
     assert abs(float(score) - pred.score) < 1e-3  # PIL's float resize equals torch's to ~1e-5
     assert (anomalous == "True") == pred.is_anomalous
+
+
+def test_export_command_writes_the_graph_and_refuses_to_overwrite(tiny_backbones, parts, tmp_path):
+    from click.testing import CliRunner
+
+    from astfad.cli import main
+
+    model = Detector("texture", **FAST).fit(parts["train"][:3]).save(tmp_path / "model.safetensors")
+    args = ["export", str(model), "--out", str(tmp_path / "onnx")]
+    first = CliRunner().invoke(main, args)
+    assert first.exit_code == 0, first.output
+    assert (tmp_path / "onnx" / "detector.onnx").is_file() and (tmp_path / "onnx" / "detector.json").is_file()
+    again = CliRunner().invoke(main, args)
+    assert again.exit_code == 2 and "detector" in again.output
+    assert CliRunner().invoke(main, [*args, "--force"]).exit_code == 0

@@ -11,11 +11,15 @@ from astfad.scoring import gaussian_blur, image_scores, to_eval_grid
 def test_parse_strategy():
     assert parse_strategy("fusion_weighted_sum:0.7") == ("fusion_weighted_sum", 0.7)
     assert parse_strategy("texture") == ("texture", None)
-    for bad in ("fusion_weighted_sum:1.5", "nope", "texture:1", "fusion_weighted_sum:x"):
+    for bad in ("fusion_weighted_sum:1.5", "nope", "texture:1", "fusion_weighted_sum:x",
+                "fusion_max:texture+texture", "fusion_add:texture+nope", "fusion_add:0.3", "fusion_add:a+b+c"):
         with pytest.raises(ValueError):
             parse_strategy(bad)
-    assert experts_of("auto") == ("texture", "semantic", "semantic_adapter")
+    assert experts_of("auto") == ("texture", "semantic", "semantic_adapter", "subspace")
     assert experts_of("fusion_max") == ("texture", "semantic")
+    assert experts_of("fusion_max:texture+subspace") == ("texture", "subspace")
+    assert parse_strategy("fusion_weighted_sum:0.3:subspace+semantic") == ("fusion_weighted_sum", 0.3)
+    assert experts_of("fusion_weighted_sum:0.3:subspace+semantic") == ("subspace", "semantic")
 
 
 def test_grid_keeps_aspect_and_area():
@@ -64,12 +68,12 @@ def test_normaliser_fits_normal_statistics():
 def test_fusion_rules():
     norms = {"texture": Normaliser(1.0, 1.0, 1.0), "semantic": Normaliser(0.0, 2.0, 0.5)}
     t, s = torch.full((1, 2, 2), 3.0), torch.full((1, 2, 2), 4.0)
-    assert fuse("fusion_add", t, s, norms)[0, 0, 0] == pytest.approx(2 + 2)
-    assert fuse("fusion_max", t, s, norms)[0, 0, 0] == pytest.approx(2)
-    assert fuse("fusion_mul", t, s, norms)[0, 0, 0] == pytest.approx(3 * 8)
-    assert fuse("fusion_weighted_sum:0.7", t, s, norms)[0, 0, 0] == pytest.approx(0.7 * 2 + 0.3 * 2)
+    assert fuse("fusion_add", {"texture": t, "semantic": s}, norms)[0, 0, 0] == pytest.approx(2 + 2)
+    assert fuse("fusion_max", {"texture": t, "semantic": s}, norms)[0, 0, 0] == pytest.approx(2)
+    assert fuse("fusion_mul", {"texture": t, "semantic": s}, norms)[0, 0, 0] == pytest.approx(3 * 8)
+    assert fuse("fusion_weighted_sum:0.7", {"texture": t, "semantic": s}, norms)[0, 0, 0] == pytest.approx(0.7 * 2 + 0.3 * 2)
     with pytest.raises(ValueError, match="one grid"):
-        fuse("fusion_add", t, torch.zeros(1, 3, 3), norms)
+        fuse("fusion_add", {"texture": t, "semantic": torch.zeros(1, 3, 3)}, norms)
 
 
 def test_normal_fitted_fusion_does_not_cancel_signal():
@@ -88,7 +92,7 @@ def test_normal_fitted_fusion_does_not_cancel_signal():
     normal_fit = {"texture": Normaliser.fit(expert(0.1, 1.0, 0)[:n]),
                   "semantic": Normaliser.fit(expert(5.0, 40.0, 0)[:n])}
     single = [image_auroc(labels, image_scores(m, "top1").numpy()) for m in (tex, sem)]
-    fused = image_auroc(labels, image_scores(fuse("fusion_add", tex, sem, normal_fit), "top1").numpy())
+    fused = image_auroc(labels, image_scores(fuse("fusion_add", {"texture": tex, "semantic": sem}, normal_fit), "top1").numpy())
     assert fused >= max(single) - 1e-9
 
     def per_image_minmax(m):

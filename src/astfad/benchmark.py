@@ -38,7 +38,7 @@ import torch
 from tqdm.auto import tqdm
 
 from astfad import __version__
-from astfad.config import DetectorConfig, experts_of, grid_for, parse_strategy
+from astfad.config import SINGLE_STRATEGIES, DetectorConfig, experts_of, grid_for, parse_strategy
 from astfad.data.datasets import Category, Sample, sample_shots, scan_dataset
 from astfad.data.images import ImageLoadError, image_size, load_image, load_mask, write_atomically
 from astfad.detector import Detector, family_of, image_key
@@ -47,12 +47,11 @@ from astfad.metrics import evaluate, verdict_metrics
 from astfad.report import (RESULT_COLUMNS, append_failure, append_row, check_appendable, plot_results,
                            read_failures, read_results, write_summary)
 from astfad.scoring import mask_to_grid
-from astfad.selection import load_pinned, pinned_strategy
+from astfad.selection import CANDIDATES, load_pinned, pinned_strategy
 from astfad.visualize import zscore_panel
 
-FIXED_STRATEGIES = ("texture", "semantic", "semantic_adapter", "fusion_add", "fusion_mul", "fusion_max",
-                    "fusion_weighted_sum:0.3", "fusion_weighted_sum:0.5", "fusion_weighted_sum:0.7")
-PANEL_EXPERTS = ("texture", "semantic", "semantic_adapter")
+FIXED_STRATEGIES = CANDIDATES  # every registered expert alone and the fusions auto chooses from
+PANEL_EXPERTS = SINGLE_STRATEGIES
 EXTRACT_CHUNK = 16
 PANEL_MANIFEST = "panels.json"
 

@@ -525,6 +525,27 @@ def demo(data: Path | None, out: Path, settings: tuple[str, ...]) -> None:
     click.echo(f"report: {summary}\nplots: {spec.out}/*.png\npanels: {spec.out / 'panels'}")
 
 
+@main.command()
+@click.argument("model", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--format", "fmt", type=click.Choice(["onnx"]), default="onnx", show_default=True,
+              help="Graph format: ONNX, to run with ONNX Runtime alone.")
+@click.option("--out", type=click.Path(path_type=Path), required=True,
+              help="Folder for detector.onnx and detector.json.")
+@click.option("--force", is_flag=True, help="Replace detector.onnx and detector.json in --out.")
+@_with_weights_options
+def export(model: Path, fmt: str, out: Path, force: bool, texture_weights: str | None,
+           semantic_weights: str | None) -> None:
+    """Export a fitted detector as one ONNX graph (images in, anomaly map and score out) and a
+    JSON of its pre-processing and thresholds."""
+    from astfad.detector import Detector
+    from astfad.export import export_detector
+
+    _check_out_folder(out)
+    det = Detector.load(model, device="cpu", texture_weights=texture_weights, semantic_weights=semantic_weights)
+    graph, meta = export_detector(det, out, overwrite=force)
+    click.echo(f"wrote {graph} ({graph.stat().st_size / 2**20:.0f} MB) and {meta}")
+
+
 def _register_service_commands() -> None:
     """`serve` lives in astfad.serve (FastAPI is imported only when it runs)."""
     from astfad.serve.command import serve

@@ -11,42 +11,58 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-SINGLE_STRATEGIES = ("texture", "semantic", "semantic_adapter")
+from astfad.experts.registry import REGISTRY
+
+SINGLE_STRATEGIES = tuple(REGISTRY)  # one expert's map alone
 FUSION_RULES = ("fusion_add", "fusion_mul", "fusion_max", "fusion_weighted_sum")
+DEFAULT_PAIR = ("texture", "semantic")  # what a fusion combines unless it names its pair
 IMAGE_SCORE_RULES = ("top1", "max", "reweight")
 
 
-def parse_strategy(strategy: str) -> tuple[str, float | None]:
-    """Split a strategy name into (rule, alpha); alpha only for `fusion_weighted_sum:<alpha>`.
-
-    Raises ValueError with the list of valid names for anything else.
-    """
-    name, _, arg = strategy.partition(":")
-    if name in SINGLE_STRATEGIES or name in ("fusion_add", "fusion_mul", "fusion_max", "auto"):
-        if arg:
+def _strategy_parts(strategy: str) -> tuple[str, float | None, tuple[str, ...]]:
+    """(rule, alpha, experts) of a strategy name; see `parse_strategy`."""
+    name, *args = strategy.split(":")
+    valid = ", ".join((*SINGLE_STRATEGIES, *FUSION_RULES[:3], "fusion_weighted_sum:<alpha>", "auto"))
+    if name in SINGLE_STRATEGIES or name == "auto":
+        if args:
             raise ValueError(f"strategy '{strategy}' takes no argument")
-        return name, None
+        return name, None, (SINGLE_STRATEGIES if name == "auto" else (name,))
+    if name not in FUSION_RULES:
+        raise ValueError(f"unknown strategy '{strategy}'; valid: {valid} (a fusion may end with "
+                         f":<expert>+<expert>, default {'+'.join(DEFAULT_PAIR)})")
+    pair = DEFAULT_PAIR
+    if args and "+" in args[-1]:
+        pair = tuple(args.pop().split("+"))
+        if len(pair) != 2 or pair[0] == pair[1] or any(e not in SINGLE_STRATEGIES for e in pair):
+            raise ValueError(f"strategy '{strategy}': a fusion combines two different experts of "
+                             f"{', '.join(SINGLE_STRATEGIES)}")
+    alpha = None
     if name == "fusion_weighted_sum":
         try:
-            alpha = float(arg) if arg else 0.5
+            alpha = float(args.pop(0)) if args else 0.5
         except ValueError:
             raise ValueError(f"strategy '{strategy}': alpha must be a number in [0, 1]") from None
         if not 0.0 <= alpha <= 1.0 or math.isnan(alpha):
             raise ValueError(f"strategy '{strategy}': alpha must be in [0, 1]")
-        return name, alpha
-    valid = ", ".join((*SINGLE_STRATEGIES, "fusion_add", "fusion_mul", "fusion_max",
-                       "fusion_weighted_sum:<alpha>", "auto"))
-    raise ValueError(f"unknown strategy '{strategy}'; valid: {valid}")
+    if args:
+        raise ValueError(f"strategy '{strategy}': unexpected argument '{':'.join(args)}'")
+    return name, alpha, pair
+
+
+def parse_strategy(strategy: str) -> tuple[str, float | None]:
+    """Split a strategy name into (rule, alpha); alpha only for `fusion_weighted_sum:<alpha>`.
+    Singles are the registered experts; a fusion rule may name its pair of experts last
+    (`fusion_max:texture+subspace`, `fusion_weighted_sum:0.3:texture+subspace`).
+
+    Raises ValueError with the list of valid names for anything else.
+    """
+    rule, alpha, _ = _strategy_parts(strategy)
+    return rule, alpha
 
 
 def experts_of(strategy: str) -> tuple[str, ...]:
-    """The experts a strategy needs: `texture`, `semantic` and/or `semantic_adapter`."""
-    name, _ = parse_strategy(strategy)
-    if name in SINGLE_STRATEGIES:
-        return (name,)
-    if name == "auto":
-        return SINGLE_STRATEGIES
-    return ("texture", "semantic")
+    """The experts a strategy needs (for a fusion: its pair, the first weighed by alpha)."""
+    return _strategy_parts(strategy)[2]
 
 
 @dataclass
@@ -74,6 +90,8 @@ class DetectorConfig:
     semantic_layers: tuple[int, ...] | None = None  # None: the backbone's measured default
     rotate_references: bool | None = None  # None: on when fitted with <= 4 images
     mask_background: bool = False
+    # subspace expert: fraction of the normal tokens' variance its principal subspace keeps
+    subspace_variance: float = 0.99
     # adapter
     adapter_hidden: int = 128
     adapter_steps: int = 150

@@ -30,10 +30,8 @@ from astfad.backbones import available_offline, default_weights_url, load_backbo
 from astfad.config import DetectorConfig, experts_of, grid_for, parse_strategy
 from astfad.data.images import load_image
 from astfad.data.views import Source, normal_view, rotate, view_to_source
-from astfad.experts.adapter import AdaptedSemanticExpert, train_adapter
-from astfad.experts.base import Exclusions, KNNExpert, flatten_patches
-from astfad.experts.semantic import SemanticExpert
-from astfad.experts.texture import TextureExpert
+from astfad.experts.base import Exclusions, flatten_patches
+from astfad.experts.registry import REGISTRY, Expert, ExpertSpec
 from astfad.features import FeatureCache, Featurizer, resolve_device, semantic_reader, texture_reader
 from astfad.fusion import Normaliser, fuse
 from astfad.modelfile import ModelFileError, read_model_file, write_model_file
@@ -83,8 +81,8 @@ def as_list(images: Sequence[ImageInput] | ImageInput) -> list[ImageInput]:
 
 
 def family_of(expert: str) -> str:
-    """The backbone family an expert reads: the CNN for texture, the ViT for the others."""
-    return "texture" if expert == "texture" else "semantic"
+    """The backbone family an expert reads (declared in the expert registry)."""
+    return REGISTRY[expert].family
 
 
 def views_per_shot(shots: int) -> int:
@@ -127,7 +125,7 @@ class Detector:
             raise ValueError("image_score 'reweight' (PatchCore) applies to strategy 'texture' only")
         self.device = resolve_device(self.config.device)
         self.cache: FeatureCache = cache if cache is not None else {}
-        self.experts: dict[str, KNNExpert] = {}
+        self.experts: dict[str, Expert] = {}
         self.normalisers: dict[str, Normaliser] = {}
         self.featurizers: dict[str, Featurizer] = {}
         self.aspect: float | None = None
@@ -199,28 +197,20 @@ class Detector:
         torch.manual_seed(cfg.seed)
         auto = parse_strategy(cfg.strategy)[0] == "auto"
         needed = set(experts_of(cfg.strategy)) | set(also)
-        if "semantic_adapter" in needed:
-            needed.add("semantic")
-        families = sorted({family_of(e) for e in needed})
-        normal = self._normal_set(arrays, keys, families, with_adapter_views="semantic_adapter" in needed)
-        n = len(arrays)
-        if "texture" in needed:
-            expert = TextureExpert(cfg.coreset_budget, cfg.coreset_projection_dim, cfg.seed)
-            expert.fit(normal.features["texture"][:n], self._owner_maps(normal.sources[:n], "texture", normal))
-            self.experts["texture"] = expert
-        refs = ref_owners = None
-        if "semantic" in needed:
-            refs, ref_owners = self._semantic_references(arrays, keys, normal)
-            expert = SemanticExpert(cfg.mask_background, cfg.seed)
-            expert.fit(refs, ref_owners)
-            self.experts["semantic"] = expert
+        specs = [spec for name, spec in REGISTRY.items() if name in needed]
+        normal = self._normal_set(arrays, keys, sorted({s.family for s in specs}),
+                                  with_view_pairs=any(s.trained for s in specs))
+        references = {s.family: self._references(arrays, keys, normal, s.family) for s in specs if s.on_references}
+        for spec in specs:
+            if not spec.trained:
+                self.experts[spec.name] = self._fitted(spec, normal, references)
         self._move_banks()
         exclusions = {f: self._owner_maps(normal.sources, f, normal) for f in normal.features}
         normal_maps = self.expert_maps(normal.features, exclusions)
-        held_out = None
-        if "semantic_adapter" in needed:
-            held_out = self._held_out_adapters(normal, refs, ref_owners)
-            normal_maps["semantic_adapter"] = held_out(normal.features["semantic"], exclusions["semantic"])
+        held_out = {s.name: self._held_out(s, normal, references) for s in specs if s.trained}
+        for name, maps in held_out.items():
+            family = REGISTRY[name].family
+            normal_maps[name] = maps(normal.features[family], exclusions[family])
         self.normalisers = {name: Normaliser.fit(m, cfg.normaliser) for name, m in normal_maps.items()}
         candidates = [c for c in CANDIDATES if set(experts_of(c)) <= set(normal_maps)]
         normal_scores = {c: self.scores(c, self.combine(c, normal_maps), normal.features.get("texture"),
@@ -234,20 +224,16 @@ class Detector:
                 normal_scores[self.strategy] = self.scores(
                     self.strategy, self.combine(self.strategy, normal_maps), normal.features.get("texture"),
                     exclusions.get("texture"))
-        if "semantic_adapter" in needed and (self.strategy == "semantic_adapter" or "semantic_adapter" in also):
-            anchors, positives, _ = self._adapter_pairs(normal)
-            adapter, self.adapter_stats = train_adapter(anchors, positives, cfg.adapter_hidden,
-                                                        cfg.adapter_steps, cfg.adapter_lr, cfg.seed)
-            adapted = AdaptedSemanticExpert(adapter, cfg.mask_background, cfg.seed)
-            adapted.fit(refs, ref_owners)
-            self.experts["semantic_adapter"] = adapted
-            self._move_banks()
+        for spec in specs:  # a trained expert is trained on every shot only when it will be used
+            if spec.trained and (spec.name in experts_of(self.strategy) or spec.name in also):
+                self.experts[spec.name] = self._fitted(spec, normal, references)
+        self._move_banks()
         self._fit_thresholds(normal_maps, normal_scores)
         self.fit_seconds = time.perf_counter() - start
         return self
 
     def _normal_set(self, arrays: list[np.ndarray], keys: Sequence[str | None], families: Sequence[str],
-                    with_adapter_views: bool) -> "NormalSet":
+                    with_view_pairs: bool) -> "NormalSet":
         """The shots and small shifted, photometric views of them (fewer the more shots there
         are: `views_per_shot`), with their features and sources. Each view depends only on the seed
         and its image, so cached view features stay valid for any subset of shots."""
@@ -255,7 +241,7 @@ class Detector:
         images, view_keys, sources = list(arrays), list(keys), [Source(i) for i in range(len(arrays))]
         per_shot = views_per_shot(len(arrays))
         for i, (image, key) in enumerate(zip(arrays, keys)):
-            count = per_shot or int(with_adapter_views and i < NORMAL_TARGET)  # the adapter needs pairs
+            count = per_shot or int(with_view_pairs and i < NORMAL_TARGET)  # trained experts need pairs
             rng = np.random.default_rng([cfg.seed, zlib.crc32(key.encode()) if key is not None else i])
             for j in range(count):
                 view, box = normal_view(image, rng)
@@ -272,30 +258,52 @@ class Detector:
         regions = len(self.shots) == 1
         return torch.stack([s.owners(grid, self._aspect(), regions) for s in sources])
 
-    def _semantic_references(self, arrays: list[np.ndarray], keys: Sequence[str | None],
-                             normal: "NormalSet") -> tuple[torch.Tensor, torch.Tensor]:
-        """Reference features: the shots, plus rotated copies of each when there are few of them
-        (AnomalyDINO's augmentation for k <= 4): 45-degree steps for a near-square frame, a half
-        turn otherwise (a quarter turn of an elongated frame is mostly fill)."""
+    def _references(self, arrays: list[np.ndarray], keys: Sequence[str | None], normal: "NormalSet",
+                    family: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Reference features of a family with their owners: the shots, plus rotated copies of each
+        when there are few of them (AnomalyDINO's augmentation for k <= 4): 45-degree steps for a
+        near-square frame, a half turn otherwise (a quarter turn of an elongated frame is mostly fill)."""
         n = len(arrays)
         angles = reference_angles(n, self._aspect(), self.config.rotate_references)
         sources = normal.sources[:n] + [Source(i, angle=a) for i in range(n) for a in angles]
         rotated = [rotate(arrays[i], a) for i in range(n) for a in angles]
         rotated_keys = [f"{keys[i]}#rot{a}" if keys[i] is not None else None for i in range(n) for a in angles]
-        feats = normal.features["semantic"][:n]
+        feats = normal.features[family][:n]
         if rotated:
-            feats = torch.cat([feats, self.features("semantic", rotated, rotated_keys)])
+            feats = torch.cat([feats, self.features(family, rotated, rotated_keys)])
         grid = tuple(feats.shape[-2:])
-        regions = n == 1
-        return feats, torch.stack([s.owners(grid, self._aspect(), regions) for s in sources])
+        return feats, torch.stack([s.owners(grid, self._aspect(), n == 1) for s in sources])
 
-    def _adapter_pairs(self, normal: "NormalSet", group: int | None = None
-                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Matching (M, D) patch pairs for the adapter, with each pair's owner (M,): every view's
-        tokens and the shot's tokens at the same content (sampled at the view's patch centres);
-        with `group`, only patches whose owner is outside that group (the adapter that must not
-        see it)."""
-        feats = normal.features["semantic"]
+    def _fitted(self, spec: ExpertSpec, normal: "NormalSet", references: dict[str, tuple[torch.Tensor, torch.Tensor]],
+                group: int | None = None) -> Expert:
+        """A registered expert fitted on the shots (or their references); a trained one first
+        trained on view pairs, leaving out owner `group` when given (a held-out copy)."""
+        expert = spec.build(self.config, self._blocks(spec.family))
+        if spec.trained:
+            anchors, positives, _ = self._view_pairs(normal, spec.family, group)
+            stats = expert.train(anchors, positives, self.config)
+            prefix = "" if group is None else f"held_out_{group}_"
+            self.adapter_stats.update({f"{prefix}{k}": v for k, v in stats.items()})
+        if spec.on_references:
+            expert.fit(*references[spec.family])
+        else:
+            n = len(self.shots)
+            expert.fit(normal.features[spec.family][:n], self._owner_maps(normal.sources[:n], spec.family, normal))
+        return expert
+
+    def _blocks(self, family: str) -> int:
+        """How many equal-width blocks a family's features concatenate (ViT layers read)."""
+        if family != "semantic":
+            return 1
+        return len(semantic_layers(self.config, self.featurizer(family).backbone.num_blocks))
+
+    def _view_pairs(self, normal: "NormalSet", family: str, group: int | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Matching (M, D) patch pairs for a trained expert, with each pair's owner (M,): every
+        view's features and the shot's features at the same content (sampled at the view's patch
+        centres); with `group`, only patches whose owner is outside that group (the copy that must
+        not see it)."""
+        feats = normal.features[family]
         grid = tuple(feats.shape[-2:])
         regions = len(self.shots) == 1
         anchors, positives, owners = [], [], []
@@ -308,39 +316,29 @@ class Detector:
             positives.append(flatten_patches(feats[j:j + 1])[keep])
             owners.append(owner[keep])
         if not anchors or sum(len(a) for a in anchors) == 0:
-            raise ValueError("the adapter needs views of the shots to train on")
+            raise ValueError("a trained expert needs views of the shots to train on")
         return torch.cat(anchors), torch.cat(positives), torch.cat(owners)
 
-    def _held_out_adapters(self, normal: "NormalSet", refs: torch.Tensor, ref_owners: torch.Tensor
-                           ) -> Callable[[torch.Tensor, Exclusions], torch.Tensor]:
-        """semantic_adapter maps of normal (and synthetic) images from adapters that never saw the
-        scored content: two adapters, each trained without one group of owners (even / odd shots,
+    def _held_out(self, spec: ExpertSpec, normal: "NormalSet", references: dict[str, tuple[torch.Tensor, torch.Tensor]]
+                  ) -> Callable[[torch.Tensor, Exclusions], torch.Tensor]:
+        """A trained expert's maps of normal (and synthetic) images from copies that never saw the
+        scored content: two copies, each trained without one group of owners (even / odd shots,
         or with one shot diagonal quadrants), and every patch scored by the one that did not see
-        its owner. Validating or thresholding the adapter fitted on every shot would flatter it."""
-        cfg = self.config
+        its owner. Validating or thresholding the copy trained on every shot would flatter it."""
         regions = len(self.shots) == 1
-        experts = []
-        for group in (0, 1):
-            anchors, positives, _ = self._adapter_pairs(normal, group)
-            adapter, stats = train_adapter(anchors, positives, cfg.adapter_hidden,
-                                           cfg.adapter_steps, cfg.adapter_lr, cfg.seed)
-            expert = AdaptedSemanticExpert(adapter, cfg.mask_background, cfg.seed)
-            expert.fit(refs, ref_owners)
-            experts.append(expert)
-            self.adapter_stats = {f"held_out_{group}_{k}": v for k, v in stats.items()} | self.adapter_stats
+        copies = [self._fitted(spec, normal, references, group) for group in (0, 1)]
 
-        def maps(semantic_feats: torch.Tensor, exclude: Exclusions) -> torch.Tensor:
-            owners = torch.stack([torch.as_tensor(e).expand(semantic_feats.shape[-2:]) for e in exclude])
-            chosen = owner_group(owners, regions)
-            raw = torch.where(chosen == 0, experts[0].distances(semantic_feats, exclude),
-                              experts[1].distances(semantic_feats, exclude))
-            return to_eval_grid(raw, self.eval_grid(), cfg.blur_sigma)
+        def maps(feats: torch.Tensor, exclude: Exclusions) -> torch.Tensor:
+            owners = torch.stack([torch.as_tensor(e).expand(feats.shape[-2:]) for e in exclude])
+            raw = torch.where(owner_group(owners, regions) == 0, copies[0].distances(feats, exclude),
+                              copies[1].distances(feats, exclude))
+            return to_eval_grid(raw, self.eval_grid(), self.config.blur_sigma)
 
         return maps
 
     def _select(self, normal: "NormalSet", exclusions: dict[str, torch.Tensor],
                 normal_maps: dict[str, torch.Tensor], normal_scores: dict[str, torch.Tensor],
-                held_out: Callable[[torch.Tensor, Exclusions], torch.Tensor] | None) -> SelectionReport:
+                held_out: dict[str, Callable[[torch.Tensor, Exclusions], torch.Tensor]]) -> SelectionReport:
         """Score every candidate on synthetic anomalies pasted into the normal set (same exclusions
         as their normal image) and let selection.choose_strategy decide from that evidence."""
         cfg = self.config
@@ -349,8 +347,9 @@ class Detector:
         feats = {f: self.features(f, images) for f in normal.features}
         exclude = {f: exclusions[f][bases] for f in exclusions}
         anomalous_maps = self.expert_maps(feats, exclude)
-        if held_out is not None:
-            anomalous_maps["semantic_adapter"] = held_out(feats["semantic"], exclude["semantic"])
+        for name, maps in held_out.items():
+            family = REGISTRY[name].family
+            anomalous_maps[name] = maps(feats[family], exclude[family])
         grid = self.eval_grid()
         true_masks = np.stack([mask_to_grid(m, grid) for m in masks])
         evidence = {}
@@ -360,17 +359,15 @@ class Detector:
                                       self.scores(name, anomalous, feats.get("texture"), exclude.get("texture")).numpy(),
                                       anomalous.numpy())
         notes = []
-        if held_out is not None:
-            notes.append("semantic_adapter validated with adapters that never saw the validated shot "
-                         "(or, with one shot, quadrant)")
+        notes += [f"{name} validated with copies that never saw the validated shot (or, with one shot, "
+                  "quadrant)" for name in held_out]
         validation = {"normal": len(normal.images), "anomalous": len(images), "kinds": sorted(set(kinds)),
                       "single_shot_regions": len(self.shots) == 1}
         return choose_strategy(evidence, true_masks, DEFAULT_STRATEGY, cfg.seed, notes, validation)
 
     def _move_banks(self) -> None:
         if self.device.type != "cpu":
-            for expert in self.experts.values():
-                expert.bank = expert.bank.to(self.device)
+            self.experts = {name: expert.to(self.device) for name, expert in self.experts.items()}
 
     def _fit_thresholds(self, normal_maps: dict[str, torch.Tensor], normal_scores: dict[str, torch.Tensor]) -> None:
         """A threshold model per strategy from its normal scores and maps; the applied strategy's
@@ -444,7 +441,7 @@ class Detector:
             raise ValueError("'auto' is resolved at fit time; combine the chosen strategy")
         if rule in maps:
             return maps[rule]
-        return fuse(strategy, maps["texture"], maps["semantic"], self.normalisers)
+        return fuse(strategy, maps, self.normalisers)
 
     def display_maps(self, expert_maps: dict[str, torch.Tensor], applied: torch.Tensor) -> dict[str, torch.Tensor]:
         """Each expert's map and the applied strategy's map in z-units of their own normal
@@ -539,6 +536,7 @@ class Detector:
         path = Path(path)
         meta, tensors = read_model_file(path, FORMAT_VERSION)
         config = dict(meta["config"])
+        config["threads"] = None  # this machine's cores, not those of the one that fitted it
         if device is not None:
             config["device"] = device
         if str(config.get("device", "auto")).startswith("cuda") and not torch.cuda.is_available():
@@ -574,11 +572,8 @@ class Detector:
         detector.threshold_models = {k: ThresholdModel.from_dict(v)
                                      for k, v in (meta.get("threshold_models") or {}).items()}
         detector.normalisers = {k: Normaliser.from_list(v) for k, v in meta["normalisers"].items()}
-        builders = {"texture": lambda: TextureExpert(None),
-                    "semantic": lambda: SemanticExpert(detector.config.mask_background),
-                    "semantic_adapter": lambda: AdaptedSemanticExpert(None, detector.config.mask_background)}
         for name in names:
-            expert = builders[name]()
+            expert = REGISTRY[name].build(detector.config, detector._blocks(REGISTRY[name].family))
             expert.load_tensors({k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(f"{name}.")})
             detector.experts[name] = expert
         for family in families:

@@ -54,16 +54,6 @@ def _nearest_distance(queries: torch.Tensor, bank: torch.Tensor, bank_sq: torch.
     return sq.min(dim=1).values.clamp_min(0.0).sqrt()
 
 
-def traced_image_scores(maps: torch.Tensor, rule: str) -> torch.Tensor:
-    """scoring.image_scores for a traced graph: `top1` keeps the same pixel count, taken from the
-    fixed evaluation grid (the tracer cannot round a traced size). The equivalence tests compare
-    the two; once scoring.image_scores reads `int(flat.shape[1])` this can call it directly."""
-    if rule != "top1":
-        return image_scores(maps, rule)
-    k = max(1, int(round(int(maps.shape[1]) * int(maps.shape[2]) * 0.01)))
-    return maps.flatten(1).topk(k, dim=1).values.mean(dim=1)
-
-
 class DetectorGraph(nn.Module):
     """A fitted detector's predict path as a module: images of each family -> (maps, scores)."""
 
@@ -79,6 +69,8 @@ class DetectorGraph(nn.Module):
         self.readers = nn.ModuleDict({f: detector.featurizer(f).module for f in self.families})
         for name in self.experts:
             expert = detector.experts[name]
+            if not hasattr(expert, "bank"):  # no bank to search (subspace): its own distances trace
+                continue
             bank = expert.bank.features.float().cpu()
             if expert.metric == "cosine":
                 self.register_buffer(f"{name}_bank", F.normalize(bank, dim=1))
@@ -89,9 +81,12 @@ class DetectorGraph(nn.Module):
     def expert_map(self, name: str, feats: torch.Tensor) -> torch.Tensor:
         expert = self.detector.experts[name]
         b, _, h, w = feats.shape
-        queries = flatten_patches(expert.transform(feats))
-        dist = _nearest_distance(queries, getattr(self, f"{name}_bank"),
-                                 getattr(self, f"{name}_bank_sq", None), expert.metric).reshape(b, h, w)
+        if not hasattr(expert, "bank"):
+            dist = expert.distances(feats)
+        else:
+            queries = flatten_patches(expert.transform(feats))
+            dist = _nearest_distance(queries, getattr(self, f"{name}_bank"),
+                                     getattr(self, f"{name}_bank_sq", None), expert.metric).reshape(b, h, w)
         if getattr(expert, "mask_background", False) and getattr(expert, "pca_direction", None) is not None:
             dist = dist * expert.foreground(feats).to(dist.dtype)
         cfg = self.detector.config
@@ -101,7 +96,7 @@ class DetectorGraph(nn.Module):
         feats = {f: self.readers[f](x) for f, x in zip(self.families, images)}
         maps = {name: self.expert_map(name, feats[family_of(name)]) for name in self.experts}
         applied = self.detector.combine(self.detector.strategy, maps)
-        return applied, traced_image_scores(applied, self.detector.config.image_score)
+        return applied, image_scores(applied, self.detector.config.image_score)
 
 
 def _normalisation(backbone: nn.Module) -> dict[str, Any]:

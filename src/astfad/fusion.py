@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from astfad.config import parse_strategy
+from astfad.config import experts_of, parse_strategy
 
 MAD_TO_STD = 1.4826
 
@@ -54,16 +54,18 @@ class Normaliser:
         return cls(*map(float, values))
 
 
-def fuse(strategy: str, texture: torch.Tensor, semantic: torch.Tensor,
-         normalisers: dict[str, Normaliser]) -> torch.Tensor:
-    """Combine two experts' maps on the same grid with a fusion rule; alpha weighs texture."""
+def fuse(strategy: str, maps: dict[str, torch.Tensor], normalisers: dict[str, Normaliser]) -> torch.Tensor:
+    """Combine a fusion's pair of experts' maps on one grid (alpha weighs the first, texture by
+    default), each in units of its own normal statistics."""
     rule, alpha = parse_strategy(strategy)
-    if texture.shape != semantic.shape:
-        raise ValueError(f"maps must share one grid, got {tuple(texture.shape)} and {tuple(semantic.shape)}")
-    tex_n, sem_n = normalisers["texture"], normalisers["semantic"]
+    first, second = experts_of(strategy)
+    a, b = maps[first], maps[second]
+    if a.shape != b.shape:
+        raise ValueError(f"maps must share one grid, got {tuple(a.shape)} and {tuple(b.shape)}")
+    norm_a, norm_b = normalisers[first], normalisers[second]
     if rule == "fusion_mul":
-        return tex_n.ratio(texture) * sem_n.ratio(semantic)
-    t, s = tex_n.standardise(texture), sem_n.standardise(semantic)
+        return norm_a.ratio(a) * norm_b.ratio(b)
+    t, s = norm_a.standardise(a), norm_b.standardise(b)
     if rule == "fusion_add":
         return t + s
     if rule == "fusion_max":

@@ -25,9 +25,10 @@ from safetensors.torch import save
 
 from astfad.backbones import BACKBONES
 from astfad.config import DetectorConfig, experts_of, parse_strategy
+from astfad.experts.registry import REGISTRY
 from astfad.data.images import write_atomically
 
-EXPERTS = ("texture", "semantic", "semantic_adapter")
+EXPERTS = tuple(REGISTRY)
 METADATA_KEY = "astfad"
 ADAPTER_KEYS = ("adapter.down.weight", "adapter.down.bias", "adapter.up.weight", "adapter.up.bias")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -246,6 +247,12 @@ def _check_tensors(check: _Checker, experts: list[str], tensors: Mapping[str, to
             check.fail(f"tensor {key}", f"has an unsupported dtype {tensor.dtype}")
     allowed = set()
     for name in experts:
+        if name == "subspace":  # no bank: a mean (D,) and a residual projector (D, D)
+            mean, projector = tensors.get(f"{name}.mean"), tensors.get(f"{name}.projector")
+            if mean is None or mean.ndim != 1 or projector is None or tuple(projector.shape) != (mean.shape[0],) * 2:
+                check.fail(f"tensor {name}.projector", "must be (D, D) beside a mean of D values")
+            allowed |= {f"{name}.mean", f"{name}.projector"}
+            continue
         bank_key, owners_key = f"{name}.bank", f"{name}.owners"
         for key in (bank_key, owners_key):
             if key not in tensors:

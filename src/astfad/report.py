@@ -34,6 +34,7 @@ from matplotlib import colormaps
 from matplotlib.figure import Figure
 from matplotlib.ticker import NullLocator
 
+from astfad.config import SINGLE_STRATEGIES
 from astfad.metrics import VERDICT_KEYS
 
 __all__ = [
@@ -74,7 +75,7 @@ _VERDICT_TABLE = {"verdict_fpr": ("FPR (good images)", 1), "verdict_recall": ("R
                   "verdict_f1": ("F1", 1), "verdict_balanced_accuracy": ("Balanced accuracy", 1),
                   "mask_iou": ("Mask IoU", 1), "mask_dice": ("Mask Dice", 1),
                   "pixel_fpr": ("Pixel FPR (good images)", 2)}
-_FIXED_ORDER = ("texture", "semantic", "semantic_adapter", "fusion_add", "fusion_mul", "fusion_max")
+_FIXED_ORDER = (*SINGLE_STRATEGIES, "fusion_add", "fusion_mul", "fusion_max")
 _NO_VALUE = "–"
 _DPI = 120
 

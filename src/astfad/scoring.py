@@ -38,7 +38,7 @@ def image_scores(maps: torch.Tensor, rule: str = "top1") -> torch.Tensor:
     if rule == "max":
         return flat.max(dim=1).values
     if rule == "top1":
-        k = max(1, int(round(flat.shape[1] * 0.01)))
+        k = max(1, int(round(int(flat.shape[1]) * 0.01)))  # int(): a traced graph keeps k fixed
         return flat.topk(k, dim=1).values.mean(dim=1)
     raise ValueError(f"image score rule '{rule}' is not computed from maps")
 

@@ -25,12 +25,13 @@ from typing import Any
 
 import numpy as np
 
-from astfad.config import parse_strategy
+from astfad.config import SINGLE_STRATEGIES, parse_strategy
 from astfad.data.synthetic import ANOMALY_KINDS, random_anomaly
 from astfad.thresholds import ScoreModel
 
-# fusion_weighted_sum:0.5 is fusion_add halved (the same ranking): not a separate candidate
-CANDIDATES = ("texture", "semantic", "semantic_adapter", "fusion_add", "fusion_mul", "fusion_max",
+# every registered expert alone, and the fusion rules over the default pair (fusion_weighted_sum:0.5
+# is fusion_add halved, the same ranking: not a separate candidate)
+CANDIDATES = (*SINGLE_STRATEGIES, "fusion_add", "fusion_mul", "fusion_max",
               "fusion_weighted_sum:0.3", "fusion_weighted_sum:0.7")
 DEFAULT_STRATEGY = "semantic"
 BOOTSTRAP_RESAMPLES = 1000

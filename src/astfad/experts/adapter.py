@@ -112,6 +112,13 @@ class AdaptedSemanticExpert(SemanticExpert):
         super().__init__(mask_background, seed)
         self.adapter = adapter
 
+    def train(self, anchors: torch.Tensor, positives: torch.Tensor, config) -> dict[str, float]:
+        """Train the adapter on matching (M, D) patch pairs with the detector config's adapter
+        settings; returns the final loss terms and the collapse check."""
+        self.adapter, stats = train_adapter(anchors, positives, config.adapter_hidden, config.adapter_steps,
+                                            config.adapter_lr, config.seed)
+        return stats
+
     def transform(self, feats: torch.Tensor) -> torch.Tensor:
         if self.adapter is None:
             raise RuntimeError("the semantic_adapter expert has no trained adapter")

@@ -71,6 +71,11 @@ class KNNExpert:
                 per_owner[i, keep.nonzero()[:, 0], columns[keep]] = float("inf")
         return per_owner.min(dim=2).values.reshape(b, h, w)
 
+    def to(self, device: torch.device | str) -> "KNNExpert":
+        """The expert searching its bank on another device (CUDA uses chunked matrix products)."""
+        self.bank = self._require_bank().to(device)
+        return self
+
     def tensors(self) -> dict[str, torch.Tensor]:
         bank = self._require_bank()
         return {"bank": bank.features, "owners": bank.owners}

@@ -1,0 +1,61 @@
+"""Every expert astfad knows, and what the rest of the code derives from them.
+
+An expert declares the backbone family it reads, how it is built from the detector's config, whether
+it is fitted on the semantic references (the shots and their rotations) or on the shots alone, and
+whether it is trained on view pairs (then its normal statistics and validation come from held-out
+copies that never saw the scored content). Strategy names, fusion pairs, selection candidates, the
+benchmark's fixed strategies and model loading are all derived from `REGISTRY`: a new expert is one
+file in experts/ and one line here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+
+from astfad.experts.adapter import AdaptedSemanticExpert
+from astfad.experts.base import Exclusions
+from astfad.experts.semantic import SemanticExpert
+from astfad.experts.subspace import SubspaceExpert
+from astfad.experts.texture import TextureExpert
+
+
+class Expert(Protocol):
+    """What the detector needs of an expert."""
+
+    def fit(self, feats: torch.Tensor, owners: torch.Tensor) -> None: ...
+    def distances(self, feats: torch.Tensor, exclude: Exclusions = None) -> torch.Tensor: ...
+    def tensors(self) -> dict[str, torch.Tensor]: ...
+    def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None: ...
+    def to(self, device: torch.device | str) -> "Expert": ...
+
+
+@dataclass(frozen=True)
+class ExpertSpec:
+    name: str
+    family: str  # the backbone family it reads: "texture" (CNN) or "semantic" (ViT)
+    build: Callable[[Any, int], Expert]  # (DetectorConfig, feature blocks) -> an unfitted expert
+    on_references: bool = False  # fitted on the shots and their rotations, not the shots alone
+    trained: bool = False  # trained on view pairs; validated and thresholded with held-out copies
+
+
+REGISTRY: dict[str, ExpertSpec] = {spec.name: spec for spec in (
+    ExpertSpec("texture", "texture",
+               lambda c, blocks: TextureExpert(c.coreset_budget, c.coreset_projection_dim, c.seed)),
+    ExpertSpec("semantic", "semantic",
+               lambda c, blocks: SemanticExpert(c.mask_background, c.seed), on_references=True),
+    ExpertSpec("semantic_adapter", "semantic",
+               lambda c, blocks: AdaptedSemanticExpert(None, c.mask_background, c.seed),
+               on_references=True, trained=True),
+    ExpertSpec("subspace", "semantic",
+               lambda c, blocks: SubspaceExpert(c.subspace_variance, blocks=blocks), on_references=True),
+)}
+
+
+def expert_spec(name: str) -> ExpertSpec:
+    if name not in REGISTRY:
+        raise ValueError(f"unknown expert '{name}'; known: {', '.join(REGISTRY)}")
+    return REGISTRY[name]

@@ -246,8 +246,11 @@ def select(train: tuple[str, ...], shots: int | None, seed: int, sampling: str, 
 
 @main.command()
 @click.argument("model", type=click.Path(path_type=Path))
-@click.argument("images", nargs=-1, required=True)
+@click.argument("images", nargs=-1)
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Output folder.")
+@click.option("--zero-shot", is_flag=True,
+              help="No model: MODEL and IMAGES are all images, scored in batches (>= 8) against each "
+                   "other; thresholds come from each batch (verdict = unusual within its batch).")
 @click.option("--force", is_flag=True,
               help="Start over: first remove what an earlier run wrote in --out (predictions.csv, "
                    "the pictures in overlays/ and masks/).")
@@ -268,7 +271,8 @@ def select(train: tuple[str, ...], shots: int | None, seed: int, sampling: str, 
 @click.option("--workers", type=click.IntRange(min=1), default=None,
               help="Ray workers (default: one per CPU of the cluster).")
 @_with_weights_options
-def predict(model: Path, images: tuple[str, ...], out: Path, force: bool, resume: bool, max_pixels: int | None,
+def predict(model: Path, images: tuple[str, ...], out: Path, zero_shot: bool, force: bool, resume: bool,
+            max_pixels: int | None,
             downscale: bool, batch_size: int, use_ray: bool, ray_address: str | None, workers: int | None,
             texture_weights: str | None, semantic_weights: str | None) -> None:
     """Score images: predictions.csv (one row per input, bad ones with their error), heat-map
@@ -282,6 +286,13 @@ def predict(model: Path, images: tuple[str, ...], out: Path, force: bool, resume
         raise click.UsageError("--force and --resume exclude each other")
     max_pixels = max_pixels or DEFAULT_MAX_PIXELS
     _check_out_folder(out)
+    if zero_shot:
+        if resume or use_ray or ray_address:
+            raise click.UsageError("--zero-shot scores whole batches here: no --resume or --ray")
+        _predict_zero_shot([str(model), *images], out, force, batch_size, max_pixels)
+        return
+    if not images:
+        raise click.UsageError("give IMAGES to score (or --zero-shot)")
     det = Detector.load(model, texture_weights=texture_weights, semantic_weights=semantic_weights)
     entries = scan_images(list(images))
     counts = {"anomalous": 0, "normal": 0, "error": 0}
@@ -331,6 +342,50 @@ def predict(model: Path, images: tuple[str, ...], out: Path, force: bool, resume
     click.echo(f"{sum(counts.values())} input(s): {counts['anomalous']} anomalous, {counts['normal']} normal, "
                f"{counts['error']} failed -> {outputs.table} ({count} scored in {seconds:.1f} s{rate})")
     if counts["error"]:
+        sys.exit(1)
+
+
+def _predict_zero_shot(specs: list[str], out: Path, force: bool, batch_size: int, max_pixels: int) -> None:
+    """`predict --zero-shot`: batches of at least 8 readable images (a short last batch joins the
+    one before), each scored against itself; every unusable input is a row with its error."""
+    from astfad.data.images import ImageLoadError, load_image, scan_images
+    from astfad.detector import Detector
+    from astfad.experts.mutual import MIN_BATCH
+    from astfad.pipeline import PredictionItem, PredictionOutputs, overlay_scale
+
+    entries = scan_images(specs)
+    size = max(batch_size, MIN_BATCH)
+    good = [path for path, problem in entries if problem is None]
+    batches = [good[i:i + size] for i in range(0, len(good), size)]
+    if len(batches) > 1 and len(batches[-1]) < MIN_BATCH:
+        batches[-2:] = [batches[-2] + batches[-1]]
+    det, failed, scored = Detector("semantic"), 0, 0
+    with PredictionOutputs(out, (0.0, 1.0), force=force, sync_every=size) as outputs:
+        for path, problem in entries:
+            if problem is not None:
+                outputs.write(PredictionItem(path, None, None, problem))
+                failed += 1
+        for batch in batches:
+            decoded = []
+            for path in batch:
+                try:
+                    decoded.append((path, load_image(path, max_pixels=max_pixels)))
+                except ImageLoadError as exc:
+                    outputs.write(PredictionItem(path, None, None, str(exc)))
+                    failed += 1
+            if len(decoded) < MIN_BATCH:
+                for path, _ in decoded:
+                    outputs.write(PredictionItem(path, None, None, f"zero-shot needs a batch of at least "
+                                                                   f"{MIN_BATCH} readable images"))
+                failed += len(decoded)
+                continue
+            preds = det.predict_zero_shot([image for _, image in decoded])
+            outputs.scale = overlay_scale(det)
+            for (path, image), pred in zip(decoded, preds):
+                outputs.write(PredictionItem(path, image, pred, None))
+            scored += len(decoded)
+    click.echo(f"zero-shot: {scored} image(s) scored in {len(batches)} batch(es), {failed} failed -> {outputs.table}")
+    if failed:
         sys.exit(1)
 
 

@@ -31,6 +31,8 @@ from astfad.config import DetectorConfig, experts_of, grid_for, parse_strategy
 from astfad.data.images import load_image
 from astfad.data.views import Source, normal_view, rotate, view_to_source
 from astfad.experts.base import Exclusions, flatten_patches
+from astfad.experts.mutual import DEFAULT_FRACTION as MUTUAL_FRACTION
+from astfad.experts.mutual import MIN_BATCH, mutual_distances
 from astfad.experts.registry import REGISTRY, Expert, ExpertSpec
 from astfad.features import FeatureCache, Featurizer, resolve_device, semantic_reader, texture_reader
 from astfad.fusion import Normaliser, fuse
@@ -38,7 +40,7 @@ from astfad.modelfile import ModelFileError, read_model_file, write_model_file
 from astfad.scoring import image_scores, mask_to_grid, to_eval_grid, to_image_size
 from astfad.selection import (CANDIDATES, DEFAULT_STRATEGY, MAX_ANOMALIES, MIN_ANOMALIES, Evidence,
                               SelectionReport, choose_strategy, synthetic_anomalies)
-from astfad.thresholds import ThresholdModel
+from astfad.thresholds import ScoreModel, TailModel, ThresholdModel
 
 FORMAT_VERSION = 2  # 2: threshold models, target false-positive rates
 ROTATION_ANGLES = tuple(range(0, 360, 45))
@@ -483,6 +485,30 @@ class Detector:
         image's (height, width) in float32 (made one image at a time: full-size maps are big)."""
         full = to_image_size(eval_map, tuple(size)).numpy()
         return Prediction(float(score), full, bool(score > self.threshold), full > self.pixel_threshold, path)
+
+    def predict_zero_shot(self, images: Sequence[ImageInput], fraction: float = MUTUAL_FRACTION) -> list[Prediction]:
+        """Zero-shot (MuSc-style, experts/mutual.py): score a batch of at least 8 unlabelled images
+        against each other with the semantic backbone; no normal image is needed. With no normal
+        data, the thresholds and the overlay scale come from the batch itself, robustly (median
+        and MAD of its image scores, the tail of its pixels), and are kept on the detector: a
+        verdict here means "unusual within this batch", which holds while defects are rare in it."""
+        arrays, _ = self.load_images(as_list(images))
+        if len(arrays) < MIN_BATCH:
+            raise ValueError(f"zero-shot scoring needs a batch of at least {MIN_BATCH} images, got {len(arrays)}")
+        cfg = self.config
+        self.aspect = cfg.aspect_ratio or statistics.median(a.shape[1] / a.shape[0] for a in arrays)
+        self.strategy, self.shots = "zero_shot", []
+        maps = to_eval_grid(mutual_distances(self.features("semantic", arrays), fraction), self.eval_grid(),
+                            cfg.blur_sigma)
+        scores = image_scores(maps, "max" if cfg.image_score == "max" else "top1")
+        robust = ScoreModel.fit_robust(scores)
+        self.threshold = cfg.threshold if cfg.threshold is not None else robust.threshold(cfg.target_fpr)
+        typical = maps[scores <= torch.quantile(scores, 0.5)]  # the batch's more normal half
+        self.pixel_threshold = cfg.pixel_threshold if cfg.pixel_threshold is not None else \
+            TailModel.fit(typical.flatten().numpy(), cfg.seed).threshold(cfg.pixel_target_fpr)
+        self.normalisers = {"applied": Normaliser.fit(typical, "robust")}
+        return [self.prediction(m, s, a.shape[:2], str(x) if isinstance(x, (str, os.PathLike)) else None)
+                for m, s, a, x in zip(maps, scores, arrays, as_list(images))]
 
     def predict(self, images: Sequence[ImageInput], batch_size: int = 16) -> list[Prediction]:
         """Score images; ImageLoadError (naming the file) for an unreadable one. For many files,

@@ -57,6 +57,14 @@ class ScoreModel:
         floor = MIN_STD_FRACTION * max(abs(mean), 1e-6)
         return cls(mean, max(std, floor), int(values.size))
 
+    @classmethod
+    def fit_robust(cls, scores: torch.Tensor | np.ndarray) -> "ScoreModel":
+        """Median and 1.4826 x MAD: for scores that may hold a few anomalies (a zero-shot batch)."""
+        values = np.asarray(scores, dtype=np.float64).ravel()
+        centre = float(np.median(values))
+        spread = 1.4826 * float(np.median(np.abs(values - centre)))
+        return cls(centre, max(spread, MIN_STD_FRACTION * max(abs(centre), 1e-6)), int(values.size))
+
     def threshold(self, fpr: float) -> float:
         return self.mean + TAIL_WIDENING * self.std * float(stats.norm.isf(_check_rate(fpr)))
 

@@ -21,10 +21,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from statistics import NormalDist
 
 import numpy as np
 import torch
-from scipy import stats
 
 TAIL_QUANTILE = 0.95
 MAX_TAIL_VALUES = 20000
@@ -66,11 +66,12 @@ class ScoreModel:
         return cls(centre, max(spread, MIN_STD_FRACTION * max(abs(centre), 1e-6)), int(values.size))
 
     def threshold(self, fpr: float) -> float:
-        return self.mean + TAIL_WIDENING * self.std * float(stats.norm.isf(_check_rate(fpr)))
+        return self.mean + TAIL_WIDENING * self.std * NormalDist().inv_cdf(1.0 - _check_rate(fpr))
 
     def exceedance(self, scores: np.ndarray) -> np.ndarray:
         """The (unwidened) model's probability that a normal score is below each score."""
-        return stats.norm.cdf((np.asarray(scores, dtype=np.float64) - self.mean) / self.std)
+        z = torch.as_tensor((np.asarray(scores, dtype=np.float64) - self.mean) / self.std)
+        return torch.special.ndtr(z).numpy()
 
 
 @dataclass
@@ -95,6 +96,8 @@ class TailModel:
         if excess.size < 10 or float(excess.std()) == 0.0:
             spread = float(x.std()) or 1e-6
             return cls(location, 0.0, spread, tail_rate)
+        from scipy import stats  # fit time only: scipy.stats costs 0.4-0.6 s to import
+
         shape, _, scale = stats.genpareto.fit(excess, floc=0.0)
         # a heavy fitted tail (shape > 0.5) extrapolates wildly from few images: cap it
         return cls(location, float(min(shape, 0.5)), float(scale), tail_rate)
@@ -103,7 +106,10 @@ class TailModel:
         fpr = _check_rate(fpr)
         if fpr >= self.tail_rate:  # inside the body: the empirical quantile is the tail's start
             return self.location
-        return self.location + float(stats.genpareto.isf(fpr / self.tail_rate, self.shape, scale=self.scale))
+        p = fpr / self.tail_rate  # the rate within the tail; the generalised Pareto quantile:
+        if abs(self.shape) < 1e-9:
+            return self.location - self.scale * math.log(p)
+        return self.location + self.scale / self.shape * (p ** -self.shape - 1.0)
 
 
 @dataclass

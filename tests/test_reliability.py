@@ -556,7 +556,6 @@ def test_fit_keep_candidates_on_the_command_line(fakes, tmp_path):
 
 # ---------------------------------------------------------------------------- calibrate
 
-@pytest.mark.skipif(not hasattr(Detector, "calibrate"), reason="Detector.calibrate is not there yet")
 def test_calibrate_writes_a_new_model_and_never_overwrites_the_old_one(fakes, model, tmp_path):
     normal = tmp_path / "normal"
     write_images(normal, 4, seed=7)

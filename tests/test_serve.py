@@ -151,7 +151,6 @@ def test_threshold_override(client):
     assert predict(client, threshold="nan").status_code == 400
 
 
-@pytest.mark.skipif(not hasattr(Detector, "threshold_for"), reason="Detector.threshold_for not there yet")
 def test_target_fpr(client, models_dir):
     det = Detector.load(models_dir / "parts.safetensors")
     body = predict(client, target_fpr=0.2).json()

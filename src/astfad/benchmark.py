@@ -187,23 +187,13 @@ def plan_families(strategies: Sequence[str], pinned: dict[str, str], category: s
     return sorted({family_of(e) for e in (*experts_of(fit_strategy), *also)})
 
 
-def strategy_thresholds(det: Detector, strategy: str, applied: str) -> tuple[float | None, float | None]:
-    """(image, pixel) thresholds fitted for a benchmarked strategy, or (None, None).
-
-    A detector with per-strategy thresholds (`threshold_for` / `pixel_threshold_for`) gives them
-    for every strategy it has a threshold model of; otherwise only the strategy the detector was fitted for (`auto` itself when
-    auto is benchmarked) has thresholds. Taking a fixed strategy's from an auto fit only when auto
-    happened to choose it would average its verdicts over a biased subset of cells."""
-    image_for = getattr(det, "threshold_for", None)
-    pixel_for = getattr(det, "pixel_threshold_for", None)
-    if image_for is not None and pixel_for is not None:
-        try:
-            return image_for(strategy=applied), pixel_for(strategy=applied)
-        except ValueError:  # the detector has no threshold model for this strategy
-            return None, None
-    if strategy == det.config.strategy:
-        return det.threshold, det.pixel_threshold
-    return None, None
+def strategy_thresholds(det: Detector, applied: str) -> tuple[float | None, float | None]:
+    """(image, pixel) thresholds the detector fitted for the strategy a row applies, or (None, None)
+    for a strategy without a threshold model (e.g. fusion_weighted_sum:0.5, not a candidate)."""
+    try:
+        return det.threshold_for(strategy=applied), det.pixel_threshold_for(strategy=applied)
+    except ValueError:
+        return None, None
 
 
 # ----------------------------------------------------------------------------- work units
@@ -366,7 +356,7 @@ def _cell_rows(data: CategoryData, cell: Cell) -> tuple[list[dict[str, Any]], di
         scores_np, maps_np = scores.numpy(), maps.numpy()
         row = {"category": name, "shots": cell.shots, "seed": cell.seed, "strategy": strategy,
                "applied_strategy": applied, **tests.metrics(scores_np, maps_np),
-               **tests.verdicts(scores_np, maps_np, *strategy_thresholds(det, strategy, applied)),
+               **tests.verdicts(scores_np, maps_np, *strategy_thresholds(det, applied)),
                "fit_seconds": fit_seconds, "predict_seconds_per_image": per_image, "shot_files": shot_files}
         rows.append({k: row[k] for k in RESULT_COLUMNS})
     panels = _panels(data, det, expert_maps, feats) if cell.panels else None

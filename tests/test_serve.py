@@ -428,6 +428,17 @@ def test_page_is_served_and_self_contained(client):
     assert client.get("/openapi.json").json()["paths"]["/models/{name}/predict"]["post"]
 
 
+def test_api_reference_at_docs_works_offline(client):
+    r = client.get("/docs")
+    assert r.status_code == 200 and "/openapi.json" in r.text
+    assert "default-src 'self'" in r.headers["content-security-policy"]
+    script = client.get("/static/docs.js")
+    assert script.status_code == 200 and "fetch(\"/openapi.json\")" in script.text
+    for text in (r.text, script.text):
+        assert "http://" not in text and "https://" not in text and "//cdn" not in text
+    assert client.get("/redoc").status_code == 404
+
+
 def test_serve_command_builds_the_app(tmp_path, monkeypatch):
     import uvicorn
 

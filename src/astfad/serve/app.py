@@ -194,7 +194,9 @@ def create_app(models_dir: str | Path, api_key: str | None = None, *, max_queue:
             worker.stop()
             jobs.close()
 
+    # /docs is our own page over /openapi.json: FastAPI's Swagger page loads its scripts from a CDN
     app = FastAPI(title="astfad inspection service", version=__version__, lifespan=lifespan,
+                  docs_url=None, redoc_url=None,
                   description="Few-shot visual anomaly detection over saved detectors. Errors are "
                               '`{"error": "..."}`. With an API key set, send it as `X-API-Key`.')
     app.state.store, app.state.worker, app.state.jobs, app.state.metrics = store, worker, jobs, metrics
@@ -243,6 +245,10 @@ def create_app(models_dir: str | Path, api_key: str | None = None, *, max_queue:
     @app.get("/", include_in_schema=False)
     async def page() -> FileResponse:
         return FileResponse(STATIC / "index.html", headers={"Content-Security-Policy": PAGE_POLICY})
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs() -> FileResponse:
+        return FileResponse(STATIC / "docs.html", headers={"Content-Security-Policy": PAGE_POLICY})
 
     @app.get("/health", summary="Liveness and a short status")
     async def health() -> dict[str, Any]:

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -34,8 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from astfad.backbones.weights import _publish
 from astfad.config import experts_of, parse_strategy
+from astfad.data.images import write_atomically
 from astfad.detector import Detector, family_of
 from astfad.experts.base import flatten_patches
 from astfad.runtime.ort import OPSET, export_onnx
@@ -156,12 +155,5 @@ def export_detector(detector_or_path: Detector | str | os.PathLike, out_dir: str
     axes = {n: {0: "batch"} for n in (*input_names, "anomaly_map", "score")}
     with torch.inference_mode(False), torch.no_grad():
         export_onnx(module, examples, graph_path, input_names, ["anomaly_map", "score"], axes)
-    fd, tmp = tempfile.mkstemp(prefix=json_path.name + ".", suffix=".tmp", dir=out)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(describe(detector, graph_path.name), handle, indent=2)
-        _publish(tmp, json_path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    write_atomically(json_path, lambda tmp: tmp.write_text(json.dumps(describe(detector, graph_path.name), indent=2)))
     return graph_path, json_path

@@ -68,10 +68,9 @@ def write_model_file(path: str | Path, meta: Mapping[str, Any], tensors: Mapping
     return write_atomically(path, lambda tmp: tmp.write_bytes(data), overwrite=overwrite, sync=True)
 
 
-def read_model_file(path: str | Path, format_version: int) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """(metadata, tensors) of a saved detector, every field and tensor checked; ModelFileError
-    for any defect. Nothing is unpickled, executed or fetched."""
-    path = Path(path)
+def _open(path: Path, with_tensors: bool) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(astfad metadata, tensors or {}) of a safetensors file; ModelFileError for a file that is
+    missing, unreadable, not safetensors, without astfad metadata or whose metadata is no JSON object."""
     if path.is_dir():
         raise ModelFileError(f"'{path}' is a directory, not a saved detector")
     if not path.is_file():
@@ -79,7 +78,7 @@ def read_model_file(path: str | Path, format_version: int) -> tuple[dict[str, An
     try:
         with safe_open(str(path), framework="pt") as handle:
             header = handle.metadata() or {}
-            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()} if with_tensors else {}
     except OSError as exc:
         raise ModelFileError(f"cannot read '{path}': {exc.strerror or exc}") from None
     except Exception as exc:  # safetensors raises several types for a foreign or damaged file
@@ -90,7 +89,23 @@ def read_model_file(path: str | Path, format_version: int) -> tuple[dict[str, An
     try:
         meta = json.loads(header[METADATA_KEY])
     except (ValueError, RecursionError) as exc:
-        raise ModelFileError(f"'{path}': the astfad metadata is not valid JSON ({exc})") from None
+        raise ModelFileError(f"'{path}': the astfad metadata is not a JSON object: not valid JSON ({exc})") from None
+    if not isinstance(meta, dict):
+        raise ModelFileError(f"'{path}': the astfad metadata must be a JSON object, got {_show(meta)}")
+    return meta, tensors
+
+
+def read_metadata(path: str | Path) -> dict[str, Any]:
+    """A saved detector's JSON metadata from the file's header alone (no tensor is read), for
+    listings; not validated beyond being a JSON object: loading validates."""
+    return _open(Path(path), with_tensors=False)[0]
+
+
+def read_model_file(path: str | Path, format_version: int) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(metadata, tensors) of a saved detector, every field and tensor checked; ModelFileError
+    for any defect. Nothing is unpickled, executed or fetched."""
+    path = Path(path)
+    meta, tensors = _open(path, with_tensors=True)
     validate(path, meta, tensors, format_version)
     return meta, tensors
 

@@ -157,11 +157,13 @@ def unique_name(stem: str, used: set[str]) -> str:
     return name
 
 
-def overlay_scale(detector: Detector) -> tuple[float, float]:
+def overlay_scale(detector: Detector, pixel_threshold: float | None = None) -> tuple[float, float]:
     """One colour scale for every overlay of a model: from its normal mean to at least four
-    normal standard deviations above it (and past the pixel threshold)."""
+    normal standard deviations above it (and past the pixel threshold, the detector's own unless
+    another is given, e.g. one request's override)."""
     norm = detector.normalisers["applied"]
-    return norm.center, max(detector.pixel_threshold, norm.center + 4 * norm.scale)
+    threshold = detector.pixel_threshold if pixel_threshold is None else pixel_threshold
+    return norm.center, max(threshold, norm.center + 4 * norm.scale)
 
 
 class PredictionOutputs:

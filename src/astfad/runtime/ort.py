@@ -26,7 +26,6 @@ import inspect
 import logging
 import os
 import re
-import tempfile
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -34,7 +33,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from astfad.backbones.weights import _publish, cache_dir
+from astfad.backbones.weights import cache_dir
+from astfad.data.images import write_atomically
 
 OPSET = 17
 PRECISIONS = ("fp32", "int8")
@@ -70,21 +70,14 @@ def export_onnx(module: torch.nn.Module, example: Sequence[torch.Tensor], dest: 
                 dynamic_axes: Mapping[str, Mapping[int, str]]) -> Path:
     """torch.onnx.export of `module` to `dest`, atomically (temp file beside it, then renamed)."""
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=dest.name + ".", suffix=".tmp", dir=dest.parent)
-    os.close(fd)
-    try:
-        with warnings.catch_warnings():
-            # Python-side shape checks in the modules are constant for a valid input: the tracer's
-            # warnings about them, and the exporter's notice that dynamo is the future, are noise.
-            warnings.simplefilter("ignore")
-            torch.onnx.export(module.eval(), tuple(example), tmp, dynamo=False, opset_version=OPSET,
-                              input_names=list(input_names), output_names=list(output_names),
-                              dynamic_axes={k: dict(v) for k, v in dynamic_axes.items()})
-        _publish(tmp, dest)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return dest
+    with warnings.catch_warnings():
+        # Python-side shape checks in the modules are constant for a valid input: the tracer's
+        # warnings about them, and the exporter's notice that dynamo is the future, are noise.
+        warnings.simplefilter("ignore")
+        return write_atomically(dest, lambda tmp: torch.onnx.export(
+            module.eval(), tuple(example), str(tmp), dynamo=False, opset_version=OPSET,
+            input_names=list(input_names), output_names=list(output_names),
+            dynamic_axes={k: dict(v) for k, v in dynamic_axes.items()}))
 
 
 def _quantise_int8(source: Path, dest: Path) -> None:
@@ -96,19 +89,14 @@ def _quantise_int8(source: Path, dest: Path) -> None:
              if n.op_type == "MatMul" and n.name.endswith(INT8_NODE_SUFFIXES)]
     if not nodes:
         raise ValueError(f"'{source}' has no linear-layer MatMul to quantise (int8 is for ViTs)")
-    fd, tmp = tempfile.mkstemp(prefix=dest.name + ".", suffix=".tmp", dir=dest.parent)
-    os.close(fd)
     root = logging.getLogger()
     level = root.level
     root.setLevel(logging.ERROR)  # the quantiser logs advice about a pre-processing pass it does not need
     try:
-        quantize_dynamic(source, tmp, nodes_to_quantize=nodes, per_channel=True,
-                         weight_type=QuantType.QInt8)
-        _publish(tmp, dest)
+        write_atomically(dest, lambda tmp: quantize_dynamic(source, tmp, nodes_to_quantize=nodes, per_channel=True,
+                                                            weight_type=QuantType.QInt8))
     finally:
         root.setLevel(level)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def reader_graph(module: torch.nn.Module, identity: str, example_grid: tuple[int, int],

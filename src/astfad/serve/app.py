@@ -32,8 +32,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from astfad import __version__
 from astfad.data.images import ImageLoadError
 from astfad.detector import Detector, ModelFileError, Prediction
+from astfad.pipeline import overlay_scale
 from astfad.serve.errors import ServeError, TooLarge, Unauthorized
-from astfad.serve.imaging import decode_upload, display_name, overlay_range, pictures
+from astfad.serve.imaging import decode_upload, display_name, pictures
 from astfad.serve.jobs import FitJobs
 from astfad.serve.metrics import Metrics
 from astfad.serve.store import ModelStore, check_name
@@ -162,8 +163,7 @@ def describe(name: str, image: np.ndarray, pred: Prediction, det: Detector, imag
                            "anomalous_area": float(mask.mean()), "height": int(image.shape[0]),
                            "width": int(image.shape[1])}
     if with_pictures:
-        norm = det.normalisers["applied"]
-        out.update(pictures(image, pred.anomaly_map, mask, *overlay_range(norm.center, norm.scale, pixel_threshold)))
+        out.update(pictures(image, pred.anomaly_map, mask, *overlay_scale(det, pixel_threshold)))
     return out
 
 

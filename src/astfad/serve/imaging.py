@@ -54,12 +54,6 @@ def png_base64(array: np.ndarray) -> str:
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def overlay_range(center: float, scale: float, pixel_threshold: float) -> tuple[float, float]:
-    """The overlay colour scale of `astfad predict`: from the normal maps' centre to 4 normal
-    spreads above it, widened to reach the pixel threshold."""
-    return center, max(pixel_threshold, center + 4 * scale)
-
-
 def pictures(image: np.ndarray, anomaly_map: np.ndarray, mask: np.ndarray,
              vmin: float, vmax: float) -> dict[str, str]:
     """Base64 PNGs: the heat-map overlay and the mask (white where anomalous)."""

@@ -7,7 +7,6 @@ do not match, so a model appears only once its file has been renamed into place.
 
 from __future__ import annotations
 
-import json
 import re
 import threading
 import time
@@ -17,9 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from safetensors import safe_open
-
 from astfad.detector import Detector, ModelFileError
+from astfad.modelfile import read_metadata
 from astfad.serve.errors import BadModelName, UnknownModel
 
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
@@ -33,24 +31,6 @@ def check_name(name: str) -> str:
         raise BadModelName(f"invalid model name {shown!r}: use 1-64 letters, digits, '-' or '_', "
                            "starting with a letter or digit")
     return name
-
-
-def read_header(path: Path) -> dict[str, Any]:
-    """A saved detector's JSON metadata, from the safetensors header alone."""
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            header = handle.metadata() or {}
-    except Exception as exc:  # safetensors raises several types for a foreign file
-        raise ModelFileError(f"'{path.name}' is not an astfad detector file ({exc})") from None
-    if "astfad" not in header:
-        raise ModelFileError(f"'{path.name}' is a safetensors file without astfad metadata")
-    try:
-        meta = json.loads(header["astfad"])
-    except (ValueError, RecursionError):
-        meta = None
-    if not isinstance(meta, dict):
-        raise ModelFileError(f"'{path.name}': the astfad metadata is not a JSON object")
-    return meta
 
 
 def detector_bytes(det: Detector, path: Path) -> int:
@@ -107,7 +87,7 @@ class ModelStore:
                                "modified": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(stat.st_mtime)),
                                "loaded": name in self._loaded}
         try:
-            meta = read_header(path)
+            meta = read_metadata(path)
         except ModelFileError as exc:
             return {**out, "error": str(exc)}
         return {**out, "strategy": meta.get("strategy"), "requested_strategy": meta.get("config", {}).get("strategy"),
@@ -120,7 +100,7 @@ class ModelStore:
         summary = self.summary(name)
         if "error" in summary:
             raise ModelFileError(summary["error"])
-        meta = read_header(self.path(name))
+        meta = read_metadata(self.path(name))
         return {**summary, "shot_names": meta.get("shots", []), "selection": meta.get("selection"),
                 "experts": meta.get("experts"), "backbones": meta.get("backbones"),
                 "config": meta.get("config"), "adapter_stats": meta.get("adapter_stats")}

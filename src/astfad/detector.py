@@ -207,7 +207,7 @@ class Detector:
             if not spec.trained:
                 self.experts[spec.name] = self._fitted(spec, normal, references)
         self._move_banks()
-        exclusions = {f: self._owner_maps(normal.sources, f, normal) for f in normal.features}
+        exclusions = {f: self._owner_maps(normal.sources, tuple(t.shape[-2:])) for f, t in normal.features.items()}
         normal_maps = self.expert_maps(normal.features, exclusions)
         held_out = {s.name: self._held_out(s, normal, references) for s in specs if s.trained}
         for name, maps in held_out.items():
@@ -253,12 +253,10 @@ class Detector:
         features = {f: self.features(f, images, view_keys) for f in families}
         return NormalSet(images, sources, features)
 
-    def _owner_maps(self, sources: Sequence[Source], family: str, normal: "NormalSet") -> torch.Tensor:
-        """(N, h, w) owner of each patch on a family's grid: the shot, or with a single shot the
+    def _owner_maps(self, sources: Sequence[Source], grid: tuple[int, int]) -> torch.Tensor:
+        """(N, h, w) owner of each patch on a feature grid: the shot, or with a single shot the
         quadrant its content comes from, so nothing is ever matched against itself."""
-        grid = tuple(normal.features[family].shape[-2:])
-        regions = len(self.shots) == 1
-        return torch.stack([s.owners(grid, self._aspect(), regions) for s in sources])
+        return torch.stack([s.owners(grid, self._aspect(), len(self.shots) == 1) for s in sources])
 
     def _references(self, arrays: list[np.ndarray], keys: Sequence[str | None], normal: "NormalSet",
                     family: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -274,7 +272,7 @@ class Detector:
         if rotated:
             feats = torch.cat([feats, self.features(family, rotated, rotated_keys)])
         grid = tuple(feats.shape[-2:])
-        return feats, torch.stack([s.owners(grid, self._aspect(), n == 1) for s in sources])
+        return feats, self._owner_maps(sources, grid)
 
     def _fitted(self, spec: ExpertSpec, normal: "NormalSet", references: dict[str, tuple[torch.Tensor, torch.Tensor]],
                 group: int | None = None) -> Expert:
@@ -290,7 +288,8 @@ class Detector:
             expert.fit(*references[spec.family])
         else:
             n = len(self.shots)
-            expert.fit(normal.features[spec.family][:n], self._owner_maps(normal.sources[:n], spec.family, normal))
+            feats = normal.features[spec.family][:n]
+            expert.fit(feats, self._owner_maps(normal.sources[:n], tuple(feats.shape[-2:])))
         return expert
 
     def _blocks(self, family: str) -> int:

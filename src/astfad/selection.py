@@ -166,7 +166,7 @@ def choose_strategy(evidence: dict[str, Evidence], masks: np.ndarray, default: s
     else:
         choice = default
         best = max(evidence, key=lambda n: scores[n]["score"])
-        reason = (f"the default: no candidate beats it beyond the validation's noise"
+        reason = ("the default: no candidate beats it beyond the validation's noise"
                   + (f" (best mean: {best}, {scores[best]['score']:.3f} vs {scores[default]['score']:.3f})"
                      if best != default else ""))
     return SelectionReport(choice, reason, scores, {**(validation or {}), "notes": list(notes or [])})

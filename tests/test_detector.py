@@ -50,8 +50,11 @@ def test_auto_selects_with_a_report(fake_backbones, parts):
     det = Detector("auto", **FAST).fit(parts["train"])
     report = det.selection
     assert report["choice"] == det.strategy
-    assert len(report["scores"]) == 9  # fusion_weighted_sum:0.5 is fusion_add halved: not a candidate
-    assert report["validation"]["anomalous"] >= 16
+    # texture, semantic, subspace and five fusions (fusion_weighted_sum:0.5 is fusion_add halved);
+    # the adapter only when auto_experts names it
+    assert len(report["scores"]) == 8 and "semantic_adapter" not in report["scores"]
+    assert any("semantic_adapter not validated" in note for note in report["validation"]["notes"])
+    assert report["validation"]["anomalous"] >= 12
     chosen = report["scores"][det.strategy]
     assert det.strategy == "semantic" or chosen["gain_low"] > 0  # the default, unless beaten beyond noise
     assert image_auroc(parts["labels"], [p.score for p in det.predict(parts["test"])]) >= 0.9
@@ -59,7 +62,8 @@ def test_auto_selects_with_a_report(fake_backbones, parts):
 
 def test_auto_validates_the_adapter_with_adapters_that_did_not_see_the_shot(fake_backbones, parts):
     for shots in (1, 4):
-        det = Detector("auto", **FAST).fit(parts["train"][:shots])
+        det = Detector("auto", auto_experts=("texture", "semantic", "semantic_adapter"), **FAST
+                       ).fit(parts["train"][:shots])
         assert "semantic_adapter" in det.selection["scores"]
         assert any("never saw" in note for note in det.selection["validation"]["notes"])
 
@@ -209,3 +213,10 @@ def test_feature_cache_is_shared(fake_backbones, parts, tmp_path):
 def test_reweight_only_for_texture():
     with pytest.raises(ValueError, match="reweight"):
         Detector("semantic", image_score="reweight")
+
+
+def test_auto_experts_are_checked(fake_backbones, parts):
+    with pytest.raises(ValueError, match="auto_experts must name experts"):
+        Detector("auto", auto_experts=("texture", "nope"))
+    with pytest.raises(ValueError, match="auto's default 'semantic'"):
+        Detector("auto", auto_experts=("texture",), **FAST).fit(parts["train"][:2])

@@ -3,8 +3,9 @@ import json
 import numpy as np
 import pytest
 
+from astfad.data.synthetic import ANOMALY_KINDS
 from astfad.selection import (PAPER_PRESET, Evidence, SelectionReport, choose_strategy, load_pinned,
-                              pinned_strategy, synthetic_anomalies)
+                              per_image_measure, pinned_strategy, synthetic_anomalies)
 
 
 def test_paper_preset_reproduces_the_seed_table():
@@ -35,16 +36,31 @@ def test_pinned_map_from_yaml_and_json(tmp_path):
 def test_synthetic_anomalies_cycle_kinds_and_contrasts():
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 255, (64, 64, 3), dtype=np.uint8) for _ in range(3)]
-    anomalous, masks, sources, kinds = synthetic_anomalies(images, seed=0, count=10)
+    anomalous, labels, sources, kinds = synthetic_anomalies(images, seed=0, count=10)
     assert len(anomalous) == 10 and sources == [0, 1, 2, 0, 1, 2, 0, 1, 2, 0]
-    assert len(set(kinds)) == 5  # every anomaly kind is used
-    for image, mask, base in zip(anomalous, masks, sources, strict=True):
-        assert mask.any() and not mask.all()
+    assert kinds == sorted(ANOMALY_KINDS)  # every anomaly kind is used
+    for image, label, base in zip(anomalous, labels, sources, strict=True):
+        assert set(np.unique(label)) <= {0, 1, 2} and (label == 2).any()  # a second anomaly in each
+        assert label.any() and not label.all()
         changed = (image != images[base]).any(axis=2)
-        assert not changed[~mask].any()
-    full = [np.abs(a.astype(int) - images[b])[m].mean() for a, m, b in zip(anomalous[::2], masks[::2], sources[::2])]
-    faint = [np.abs(a.astype(int) - images[b])[m].mean() for a, m, b in zip(anomalous[1::2], masks[1::2], sources[1::2])]
-    assert np.mean(faint) < np.mean(full)  # every other anomaly is blended back towards normal
+        assert not changed[label == 0].any()
+    difference = [np.abs(a.astype(int) - images[b]) for a, b in zip(anomalous, sources)]
+    full = [d[lab == 1].mean() for d, lab in zip(difference[::2], labels[::2]) if (lab == 1).any()]
+    faint = [d[lab == 2].mean() for d, lab in zip(difference, labels)]
+    assert np.mean(faint) < np.mean(full)  # the second anomaly is always blended back towards normal
+
+
+def test_pixel_term_weighs_each_anomaly_alike():
+    normal_maps = np.random.default_rng(0).normal(0, 1, (4, 16, 16))
+    amap = np.zeros((16, 16))
+    labels = np.zeros((16, 16), np.uint8)
+    labels[:8, :8], labels[12, 12] = 1, 2  # a large anomaly the map sees, a one-pixel one it misses
+    amap[:8, :8], amap[12, 12] = 10.0, -10.0
+    ev = Evidence(normal_maps.max(axis=(1, 2)), normal_maps, amap[None].max(axis=(1, 2)), amap[None])
+    _, pixel = per_image_measure(ev, labels[None])
+    assert pixel[0] == pytest.approx(0.5)  # the mean of 1 and 0, not the pixel-weighted 64/65
+    _, pixel = per_image_measure(ev, (labels > 0)[None])  # a bool mask: one anomaly
+    assert pixel[0] == pytest.approx(64 / 65)
 
 
 def _evidence(rng, separation: float, m: int = 24) -> Evidence:

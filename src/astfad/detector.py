@@ -37,9 +37,9 @@ from astfad.experts.registry import REGISTRY, Expert, ExpertSpec
 from astfad.features import FeatureCache, Featurizer, resolve_device, semantic_reader, texture_reader
 from astfad.fusion import Normaliser, fuse
 from astfad.modelfile import ModelFileError, read_model_file, write_model_file
-from astfad.scoring import image_scores, mask_to_grid, to_eval_grid, to_image_size
-from astfad.selection import (CANDIDATES, DEFAULT_STRATEGY, MAX_ANOMALIES, MIN_ANOMALIES, Evidence,
-                              SelectionReport, choose_strategy, synthetic_anomalies)
+from astfad.scoring import image_scores, to_eval_grid, to_image_size
+from astfad.selection import (CANDIDATES, DEFAULT_STRATEGY, MAX_ANOMALOUS_IMAGES, MIN_ANOMALOUS_IMAGES, Evidence,
+                              SelectionReport, choose_strategy, labels_to_grid, synthetic_anomalies)
 from astfad.thresholds import ScoreModel, TailModel, ThresholdModel
 
 FORMAT_VERSION = 2  # 2: threshold models, target false-positive rates
@@ -198,7 +198,9 @@ class Detector:
         self.aspect = cfg.aspect_ratio or statistics.median(a.shape[1] / a.shape[0] for a in arrays)
         torch.manual_seed(cfg.seed)
         auto = parse_strategy(cfg.strategy)[0] == "auto"
-        needed = set(experts_of(cfg.strategy)) | set(also)
+        if auto and not set(experts_of(DEFAULT_STRATEGY)) <= set(cfg.auto_experts):
+            raise ValueError(f"auto_experts must include the experts of auto's default '{DEFAULT_STRATEGY}'")
+        needed = set(cfg.auto_experts if auto else experts_of(cfg.strategy)) | set(also)
         specs = [spec for name, spec in REGISTRY.items() if name in needed]
         normal = self._normal_set(arrays, keys, sorted({s.family for s in specs}),
                                   with_view_pairs=any(s.trained for s in specs))
@@ -217,8 +219,12 @@ class Detector:
         candidates = [c for c in CANDIDATES if set(experts_of(c)) <= set(normal_maps)]
         normal_scores = {c: self.scores(c, self.combine(c, normal_maps), normal.features.get("texture"),
                                         exclusions.get("texture")) for c in candidates}
-        if auto:
-            self.selection = self._select(normal, exclusions, normal_maps, normal_scores, held_out).to_dict()
+        if auto:  # experts fitted only for `also` (a benchmark's fixed strategies) are not candidates
+            validated = set(cfg.auto_experts)
+            self.selection = self._select(
+                normal, exclusions, normal_maps,
+                {c: s for c, s in normal_scores.items() if set(experts_of(c)) <= validated},
+                {n: m for n, m in held_out.items() if n in validated}).to_dict()
             self.strategy = self.selection["choice"]
         else:
             self.strategy = cfg.strategy
@@ -343,7 +349,7 @@ class Detector:
         """Score every candidate on synthetic anomalies pasted into the normal set (same exclusions
         as their normal image) and let selection.choose_strategy decide from that evidence."""
         cfg = self.config
-        count = min(MAX_ANOMALIES, max(MIN_ANOMALIES, 2 * len(normal.images)))
+        count = min(MAX_ANOMALOUS_IMAGES, max(MIN_ANOMALOUS_IMAGES, 3 * len(normal.images) // 2))
         images, masks, bases, kinds = synthetic_anomalies(normal.images, cfg.seed + 2, count)
         feats = {f: self.features(f, images) for f in normal.features}
         exclude = {f: exclusions[f][bases] for f in exclusions}
@@ -352,17 +358,19 @@ class Detector:
             family = REGISTRY[name].family
             anomalous_maps[name] = maps(feats[family], exclude[family])
         grid = self.eval_grid()
-        true_masks = np.stack([mask_to_grid(m, grid) for m in masks])
+        true_masks = np.stack([labels_to_grid(m, grid) for m in masks])
         evidence = {}
         for name, normal_score in normal_scores.items():
             anomalous = self.combine(name, anomalous_maps)
             evidence[name] = Evidence(normal_score.numpy(), self.combine(name, normal_maps).numpy(),
                                       self.scores(name, anomalous, feats.get("texture"), exclude.get("texture")).numpy(),
                                       anomalous.numpy())
-        notes = []
-        notes += [f"{name} validated with copies that never saw the validated shot (or, with one shot, "
-                  "quadrant)" for name in held_out]
-        validation = {"normal": len(normal.images), "anomalous": len(images), "kinds": sorted(set(kinds)),
+        notes = [f"{name} validated with copies that never saw the validated shot (or, with one shot, "
+                 "quadrant)" for name in held_out]
+        notes += [f"{name} not validated: not in auto_experts ({', '.join(cfg.auto_experts)}); the adapter "
+                  "is left out by default because it lost to semantic on the development categories"
+                  for name in REGISTRY if name not in cfg.auto_experts]
+        validation = {"normal": len(normal.images), "anomalous": len(images), "kinds": kinds,
                       "single_shot_regions": len(self.shots) == 1}
         return choose_strategy(evidence, true_masks, DEFAULT_STRATEGY, cfg.seed, notes, validation)
 

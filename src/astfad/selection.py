@@ -4,12 +4,12 @@ The detector hands this module plain evidence, never itself: for every candidate
 maps and image scores on a validation set built from the shots (selection.py never calls back into
 the detector, so data flows one way: detector -> selection):
   - normal: held-out shots and views of them, each scored without its own content;
-  - anomalous: synthetic anomalies (all five families, at full and reduced contrast) pasted into
-    those normal images, with exact masks, scored with the same exclusions.
+  - anomalous: synthetic anomalies (all five families, at full and reduced contrast, two per
+    image) pasted into those normal images, with exact masks, scored with the same exclusions.
 Measure, per anomalous image (so that it can be bootstrapped): half the probability, under the
 candidate's Gaussian model of normal image scores, that a normal image scores lower (an image term
-that still moves once every anomaly outranks every normal image), and half the mean, over the
-anomaly's pixels, of the fraction of normal pixels below them (a per-region pixel AUROC).
+that still moves once every anomaly outranks every normal image), and half the mean over its
+anomalies of the fraction of normal pixels below each anomaly's pixels (a per-region pixel AUROC).
 Rule: the robust default wins unless another candidate beats it on the paired per-image measure
 with a bootstrap lower bound (5th percentile of the mean gain over 1000 resamples of the anomalous
 images) above zero; among those that do, the highest mean wins. Validation noise thus decides
@@ -27,6 +27,7 @@ import numpy as np
 
 from astfad.config import SINGLE_STRATEGIES, parse_strategy
 from astfad.data.synthetic import ANOMALY_KINDS, random_anomaly
+from astfad.scoring import mask_to_grid
 from astfad.thresholds import ScoreModel
 
 # every registered expert alone, and the fusion rules over the default pair (fusion_weighted_sum:0.5
@@ -36,8 +37,9 @@ CANDIDATES = (*SINGLE_STRATEGIES, "fusion_add", "fusion_mul", "fusion_max",
 DEFAULT_STRATEGY = "semantic"
 BOOTSTRAP_RESAMPLES = 1000
 BOOTSTRAP_LOWER = 5.0  # percentile of the mean gain that must be above zero
-MIN_ANOMALIES = 16
-MAX_ANOMALIES = 32
+MIN_ANOMALOUS_IMAGES = 12
+MAX_ANOMALOUS_IMAGES = 24
+ANOMALIES_PER_IMAGE = 2
 REDUCED_CONTRAST = (0.35, 0.7)
 MAX_NORMAL_PIXELS = 200_000
 
@@ -86,58 +88,88 @@ class SelectionReport:
                     if "gain" in s else "default")
             lines.append(f"{name:<26} {s['image']:>7.3f} {s['pixel']:>7.3f} {s['score']:>7.3f} {gain:>26}{mark}")
         v = self.validation
-        lines.append(f"validation: {v.get('normal', 0)} normal, {v.get('anomalous', 0)} synthetic anomalies "
-                     f"({', '.join(v.get('kinds', []))})")
+        lines.append(f"validation: {v.get('normal', 0)} normal images, {v.get('anomalous', 0)} with synthetic "
+                     f"anomalies ({', '.join(v.get('kinds', []))})")
         lines += [f"note: {note}" for note in v.get("notes", [])]
         lines.append(f"choice: {self.choice} ({self.reason})")
         return "\n".join(lines)
 
 
+def _paste(image: np.ndarray, rng: np.random.Generator, kind: str, faint: bool
+           ) -> tuple[np.ndarray, np.ndarray]:
+    """One anomaly of `kind` pasted into `image`; `faint` blends it back towards the image (a
+    contrast drawn from REDUCED_CONTRAST) unless the blend would round it away."""
+    out, mask, _ = random_anomaly(image, rng, kinds=[kind])
+    if faint:
+        contrast = rng.uniform(*REDUCED_CONTRAST)
+        blended = np.clip(np.rint(image.astype(np.float32) + contrast * (out.astype(np.float32) - image)), 0, 255)
+        blended = blended.astype(np.uint8)
+        faint_mask = (blended != image).any(axis=2) & mask
+        if faint_mask.any():
+            return blended, faint_mask
+    return out, mask
+
+
 def synthetic_anomalies(images: list[np.ndarray], seed: int, count: int
                         ) -> tuple[list[np.ndarray], list[np.ndarray], list[int], list[str]]:
-    """`count` anomalous images made from `images` round-robin, cycling through every anomaly kind,
-    every other one at reduced contrast (blended back towards the normal image) so that the
-    validation also has anomalies that are hard to see. Returns images, masks, the index of the
-    normal image each was made from, and the kinds."""
+    """`count` anomalous images made from `images` round-robin, each holding ANOMALIES_PER_IMAGE
+    anomalies of different kinds (cycling through every kind): the first at full contrast in
+    every other image, the others always blended back towards the normal image, so that the
+    validation has anomalies of several sizes and contrasts, hard ones included, for the price of
+    one backbone pass per image. Returns images, label masks (0 normal, k for the k-th anomaly;
+    a later anomaly covers an earlier one where they overlap), the index of the normal image each
+    was made from, and the kinds used."""
     rng = np.random.default_rng(seed)
     kinds = list(ANOMALY_KINDS)
     out, masks, sources, used = [], [], [], []
     for j in range(count):
         b = j % len(images)
-        image, mask, kind = random_anomaly(images[b], rng, kinds=[kinds[j % len(kinds)]])
-        if j % 2:
-            contrast = rng.uniform(*REDUCED_CONTRAST)
-            blended = images[b].astype(np.float32) + contrast * (image.astype(np.float32) - images[b])
-            faint = np.clip(np.rint(blended), 0, 255).astype(np.uint8)
-            faint_mask = (faint != images[b]).any(axis=2) & mask
-            if faint_mask.any():  # else the blend rounded the anomaly away: keep full contrast
-                image, mask = faint, faint_mask
+        image, labels = images[b], np.zeros(images[b].shape[:2], np.uint8)
+        for k in range(ANOMALIES_PER_IMAGE):
+            kind = kinds[(j * ANOMALIES_PER_IMAGE + k) % len(kinds)]
+            image, mask = _paste(image, rng, kind, faint=k > 0 or j % 2 == 1)
+            labels[mask] = k + 1
+            used.append(kind)
         out.append(image)
-        masks.append(mask)
+        masks.append(labels)
         sources.append(b)
-        used.append(kind)
-    return out, masks, sources, used
+    return out, masks, sources, sorted(set(used))
+
+
+def labels_to_grid(labels: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
+    """A label mask (0 normal, k anomaly k) on the evaluation grid, each anomaly resized alone."""
+    out = np.zeros(grid, np.uint8)
+    for k in np.unique(labels[labels > 0]):
+        out[mask_to_grid(labels == k, grid)] = k
+    return out
 
 
 def per_image_measure(evidence: Evidence, masks: np.ndarray, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """(image term, pixel term) for every anomalous image, each in [0, 1] (see the module doc)."""
+    """(image term, pixel term) for every anomalous image, each in [0, 1] (see the module doc);
+    `masks` are label masks (or bool ones: a single anomaly), the pixel term the mean over the
+    image's anomalies, so a faint small anomaly weighs as much as a large one."""
     model = ScoreModel.fit(evidence.normal_scores)
     image_term = model.exceedance(evidence.anomalous_scores)
     normal = evidence.normal_maps.ravel()
     if normal.size > MAX_NORMAL_PIXELS:
         normal = np.random.default_rng(seed).choice(normal, MAX_NORMAL_PIXELS, replace=False)
     normal = np.sort(normal)
-    pixel_term = np.array([np.searchsorted(normal, amap[mask], side="left").mean() / normal.size
-                           if mask.any() else np.nan
-                           for amap, mask in zip(evidence.anomalous_maps, masks)])
+
+    def pixel(amap: np.ndarray, labels: np.ndarray) -> float:
+        parts = [np.searchsorted(normal, amap[labels == k], side="left").mean() / normal.size
+                 for k in np.unique(labels[labels > 0])]
+        return float(np.mean(parts)) if parts else np.nan
+
+    pixel_term = np.array([pixel(amap, np.asarray(labels, np.uint8))
+                           for amap, labels in zip(evidence.anomalous_maps, masks)])
     return image_term, pixel_term
 
 
 def choose_strategy(evidence: dict[str, Evidence], masks: np.ndarray, default: str = DEFAULT_STRATEGY,
                     seed: int = 0, notes: list[str] | None = None,
                     validation: dict[str, Any] | None = None) -> SelectionReport:
-    """The rule of the module doc over candidates' evidence; `masks` (M, H, W) bool are the
-    anomalous images' masks on the evaluation grid."""
+    """The rule of the module doc over candidates' evidence; `masks` (M, H, W) are the anomalous
+    images' label masks on the evaluation grid."""
     if default not in evidence:
         raise ValueError(f"the default strategy '{default}' has no validation evidence")
     values, scores = {}, {}

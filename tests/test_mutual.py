@@ -73,3 +73,24 @@ def test_predict_command_zero_shot_scores_a_folder(fake_backbones, tmp_path):
     assert len(rows) == 10 and rows["broken.png"]["error"]
     scores = {name: float(r["score"]) for name, r in rows.items() if not r["error"]}
     assert max(scores, key=scores.get) == "part_4.png"
+
+
+def test_each_pair_compared_once_equals_every_image_against_the_others():
+    g = torch.Generator().manual_seed(5)
+    feats = torch.randn(9, 8, 3, 4, generator=g)
+    patches = torch.nn.functional.normalize(feats.flatten(2).transpose(1, 2), dim=2)  # (B, 12, 8)
+    expected = torch.empty(9, 12)
+    for i in range(9):
+        per_image = torch.stack([1 - (patches[i] @ patches[j].T).amax(1) for j in range(9) if j != i], 1)
+        expected[i] = per_image.clamp_min(0).topk(3, dim=1, largest=False).values.mean(1)  # 30% of 8 -> 3
+    assert torch.allclose(mutual_distances(feats).reshape(9, 12), expected, atol=1e-6)
+
+
+def test_batches_keep_at_least_eight_images():
+    from astfad.experts.mutual import split_batches
+
+    assert [len(b) for b in split_batches(range(70), 32)] == [32, 38]  # 6 left over join the last
+    assert [len(b) for b in split_batches(range(72), 32)] == [32, 32, 8]
+    assert [len(b) for b in split_batches(range(20), 4)] == [8, 12]  # no batch under 8
+    assert split_batches(list("abcde"), 32) == [list("abcde")]  # alone: the scorer refuses it by name
+    assert sum(split_batches(list(range(50)), 16), []) == list(range(50))

@@ -215,3 +215,91 @@ def test_importing_the_benchmark_does_not_import_ray():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "False"
+
+
+# ----------------------------------------------------------------------------- zero-shot
+
+@pytest.fixture(scope="module")
+def batch_data(tmp_path_factory):
+    """16 test images (10 good, 6 defective): one zero-shot batch at the default size, two of 8."""
+    return generate_synthetic_dataset(tmp_path_factory.mktemp("zero") / "data", categories=["brick"],
+                                      n_train=2, n_test_good=10, n_test_per_defect=2, size=112)
+
+
+def zero_args(data, out, shots="0,1", strategies="semantic,zero_shot"):
+    return ["benchmark", "--data", str(data), "--shots", shots, "--seeds", "0,1", "--strategies", strategies,
+            "--out", str(out), *FAST_ARGS]
+
+
+def test_zero_shot_runs_at_zero_shots_only_and_scores_as_predict_does(fake_backbones, batch_data, tmp_path):
+    from astfad.detector import Detector
+    from astfad.metrics import image_auroc
+
+    runner = CliRunner()
+    out = tmp_path / "results"
+    result = runner.invoke(main, zero_args(batch_data, out))
+    assert result.exit_code == 0, result.output
+    assert "4 cells, 0 already finished, 4 to run" in result.output
+    rows = read_results(out / "results.csv")
+    assert sorted((r["shots"], r["strategy"]) for r in rows) == [(0, "zero_shot")] * 2 + [(1, "semantic")] * 2
+    zero = [r for r in rows if r["strategy"] == "zero_shot"]
+    for row in zero:
+        assert row["applied_strategy"] == "zero_shot" and row["shot_files"] == "" and row["fit_seconds"] == 0
+        assert row["image_auroc"] >= 0.75 and row["pixel_auroc"] >= 0.75 and 0 < row["aupro"] <= 1
+        assert all(math.isfinite(row[c]) for c in VERDICT_COLUMNS), row  # thresholds from the batch
+        assert row["predict_seconds_per_image"] > 0
+
+    # one batch here: the cell scores exactly as `Detector.predict_zero_shot` scores the test set
+    (category,) = scan_dataset(batch_data)
+    det = Detector("semantic", **FAST)
+    preds = det.predict_zero_shot([s.path for s in category.test])
+    labels = [s.label for s in category.test]
+    seed0 = next(r for r in zero if r["seed"] == 0)
+    assert seed0["image_auroc"] == pytest.approx(image_auroc(labels, [p.score for p in preds]), abs=1e-6)
+    said = np.array([p.is_anomalous for p in preds])
+    assert seed0["verdict_fpr"] == pytest.approx(said[np.array(labels) == 0].mean(), abs=1e-6)
+    assert seed0["verdict_recall"] == pytest.approx(said[np.array(labels) == 1].mean(), abs=1e-6)
+
+    summary = (out / "summary.md").read_text()
+    from test_report import section, table_row
+
+    zero_table = section(summary, "## Image AUROC", "### 0-shot")
+    assert table_row(zero_table, "zero_shot")[1].startswith(f"{100 * seed0['image_auroc']:.1f}")
+    assert table_row(section(summary, "## Image AUROC", "### All categories"), "zero_shot")[2] == "–"
+    assert table_row(section(summary, "## Verdicts at the fitted thresholds", "### 0-shot"), "zero_shot")
+    assert "### 0-shot" not in section(summary, "## astfad (`auto`) vs baseline `texture` (PatchCore)")
+    assert (out / "auroc_vs_shots.png").exists() and (out / "per_category_1shot.png").exists()
+    assert sorted(p.name for p in (out / "panels").iterdir()) == ["brick"]  # drawn at 1 shot only
+
+    result = runner.invoke(main, zero_args(batch_data, out))
+    assert result.exit_code == 0, result.output
+    assert "4 cells, 4 already finished, 0 to run" in result.output
+    same(read_results(out / "results.csv"), rows)
+
+
+def test_zero_shot_batches_follow_the_seed(fake_backbones, batch_data, tmp_path, monkeypatch):
+    monkeypatch.setattr("astfad.benchmark.ZERO_SHOT_BATCH", 8)  # two batches of 8
+
+    def run(out, seeds):
+        spec = BenchmarkSpec(data=batch_data, out=tmp_path / out, shots=(0,), seeds=seeds,
+                             strategies=("zero_shot",), config=FAST)
+        return without_times(Benchmark(spec, progress=False).run())
+
+    both = run("a", (0, 1))
+    assert both[0]["pixel_auroc"] != both[1]["pixel_auroc"]  # other seed, other batches
+    same(run("b", (1,)), both[1:])  # the same seed draws the same batches
+
+
+def test_zero_shot_plans_are_checked_and_small_test_sets_fail_by_name(fake_backbones, dataset, tmp_path):
+    runner = CliRunner()
+    out = tmp_path / "results"
+    for shots, strategies, message in (("1", "zero_shot", "add 0 to --shots"),
+                                       ("0", "semantic", "add it to --strategies"),
+                                       ("0,1", "zero_shot", "alone runs only at 0 shots")):
+        result = runner.invoke(main, zero_args(dataset, out, shots, strategies))
+        assert result.exit_code == 2 and message in result.output, result.output
+        assert not out.exists()
+    result = runner.invoke(main, zero_args(dataset, out, "0", "zero_shot"))  # 5 test images
+    assert result.exit_code != 0
+    assert [f["reason"] for f in read_failures(out / "failed.csv")] == \
+        ["ValueError: zero-shot scoring needs a batch of at least 8 images, got 5"] * 2

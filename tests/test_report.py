@@ -264,3 +264,35 @@ def test_summary_verdict_table_and_failed_cells(tmp_path, hand_rows):
     failed = section(text, "## Failed cells")
     assert table_row(failed, "cable") == ["cable", "4", "3", "ImageLoadError: cannot read 'x.png'"]
     assert "Failed cells" not in write_summary(rows, tmp_path / "ok").read_text()
+
+
+def test_zero_shot_rows_have_their_own_tables_and_plot(tmp_path, hand_rows):
+    zero = [make_row(c, 0, s, "zero_shot", image_auroc=v, verdict_fpr=0.1)
+            for c, values in (("bottle", [0.80, 0.84, 0.82]), ("cable", [0.60, 0.62, 0.70]))
+            for s, v in enumerate(values)]
+    text = write_summary(hand_rows + zero, tmp_path).read_text()
+    assert "shot counts 0, 1, 4" in text
+    table = section(text, "## Image AUROC", "### 0-shot")
+    assert table_row(table, "zero_shot")[1:] == [pct([0.80, 0.84, 0.82]), pct([0.60, 0.62, 0.70]),
+                                                 pct([0.70, 0.73, 0.76])]
+    with pytest.raises(AssertionError):
+        table_row(table, "oracle")  # picks among few-shot strategies only
+    assert table_row(section(text, "## Image AUROC", "### All categories"), "zero_shot")[1:] == \
+        [pct([0.70, 0.73, 0.76]), "–", "–"]
+    paper = section(text, "## astfad (`auto`) vs baseline `texture` (PatchCore)")
+    assert "### 0-shot" not in paper and "### 1-shot" in paper
+    verdicts = section(text, "## Verdicts at the fitted thresholds")
+    assert "each batch of test images itself" in verdicts
+    assert table_row(section(verdicts, "### 0-shot"), "zero_shot")[1] == "10.0 ± 0.0"
+    assert "At 0 shots" not in section(write_summary(hand_rows, tmp_path / "few").read_text(),
+                                       "## Verdicts at the fitted thresholds")
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no non-positive limit on a log axis
+        paths = plot_results(hand_rows + zero, tmp_path / "plots")
+        alone = plot_results(zero, tmp_path / "alone")
+    assert [p.name for p in paths] == ["auroc_vs_shots.png", "per_category_4shot.png"]
+    assert [p.name for p in alone] == ["auroc_vs_shots.png", "per_category_0shot.png"]
+    for path in paths + alone:
+        with Image.open(path) as image:
+            image.verify()

@@ -11,6 +11,10 @@ executor can run it:
   writing them. Every cell starts from the same prepared features, so a cell's numbers do not
   depend on which cells ran before it, nor where.
 
+Strategy `zero_shot` (experts/mutual.py) is the one strategy of shot count 0, and only it runs
+there: its cell fits nothing and scores the test images against each other from their prepared
+semantic features, in batches of `ZERO_SHOT_BATCH` drawn in the order the cell's seed shuffles.
+
 `LocalExecutor` runs them in this process; `astfad.distributed.RayExecutor` runs them as Ray
 tasks. Either way only `Benchmark`, the driver, writes: finished rows are appended to
 results.csv at once, a cell that cannot run goes to failed.csv (and summary.md's "Failed cells"
@@ -42,6 +46,7 @@ from astfad.config import SINGLE_STRATEGIES, DetectorConfig, experts_of, grid_fo
 from astfad.data.datasets import Category, Sample, sample_shots, scan_dataset
 from astfad.data.images import ImageLoadError, image_size, load_image, load_mask, write_atomically
 from astfad.detector import Detector, family_of, image_key
+from astfad.experts.mutual import score_batch, split_batches
 from astfad.features import FeatureCache
 from astfad.metrics import evaluate, verdict_metrics
 from astfad.report import (RESULT_COLUMNS, append_failure, append_row, check_appendable, plot_results,
@@ -54,6 +59,11 @@ FIXED_STRATEGIES = CANDIDATES  # every registered expert alone and the fusions a
 PANEL_EXPERTS = SINGLE_STRATEGIES
 EXTRACT_CHUNK = 16
 PANEL_MANIFEST = "panels.json"
+ZERO_SHOT = "zero_shot"
+# Test images per zero-shot batch (MuSc scores a whole test set at once). Mutual scoring costs
+# grow with the batch: 0.18 s per image at 32, 0.38 s at 64 (one thread, 32x32 tokens of 384
+# dimensions; the backbone pass not counted).
+ZERO_SHOT_BATCH = 32
 
 
 @dataclass
@@ -165,6 +175,22 @@ def load_test_set(category: Category, grid: tuple[int, int], log: Callable[[str]
                    np.array([s.label for s in samples]), np.array(valid, bool), skipped)
 
 
+def strategies_at(strategies: Sequence[str], shots: int) -> tuple[str, ...]:
+    """The strategies a shot count runs: `zero_shot` alone at 0 shots, the others at 1 and more."""
+    return tuple(s for s in strategies if (s == ZERO_SHOT) == (shots == 0))
+
+
+def check_plan(strategies: Sequence[str], shots: Sequence[int]) -> None:
+    """Refuse a run with a shot count that no strategy of the run can use."""
+    if ZERO_SHOT in strategies and 0 not in shots:
+        raise ValueError(f"strategy '{ZERO_SHOT}' runs at 0 shots: add 0 to --shots")
+    if 0 in shots and ZERO_SHOT not in strategies:
+        raise ValueError(f"0 shots is only for strategy '{ZERO_SHOT}': add it to --strategies")
+    if any(k > 0 for k in shots) and not strategies_at(strategies, 1):
+        raise ValueError(f"strategy '{ZERO_SHOT}' alone runs only at 0 shots: drop the other shot counts "
+                         "or add a few-shot strategy")
+
+
 def _needed_experts(strategies: Sequence[str], pinned: dict[str, str], category: str) -> set[str]:
     needed: set[str] = set()
     for strategy in strategies:
@@ -175,16 +201,19 @@ def _needed_experts(strategies: Sequence[str], pinned: dict[str, str], category:
 
 def fit_plan(strategies: Sequence[str], pinned: dict[str, str], category: str) -> tuple[str, list[str]]:
     """The strategy one detector is fitted with, and the further experts it fits, so that it can
-    score every strategy of a cell (auto's selection runs only when auto is benchmarked)."""
-    needed = _needed_experts([s for s in strategies if s != "auto"], pinned, category)
+    score every few-shot strategy of a cell (auto's selection runs only when auto is benchmarked)."""
+    needed = _needed_experts([s for s in strategies if s not in ("auto", ZERO_SHOT)], pinned, category)
     fit_strategy = "auto" if "auto" in strategies else "texture" if "texture" in needed else "semantic"
     return fit_strategy, sorted(needed)
 
 
 def plan_families(strategies: Sequence[str], pinned: dict[str, str], category: str) -> list[str]:
-    """The backbone families a category's detectors read."""
-    fit_strategy, also = fit_plan(strategies, pinned, category)
-    return sorted({family_of(e) for e in (*experts_of(fit_strategy), *also)})
+    """The backbone families a category's detectors (and zero-shot cells: semantic) read."""
+    families = {"semantic"} if ZERO_SHOT in strategies else set()
+    if strategies_at(strategies, 1):
+        fit_strategy, also = fit_plan(strategies, pinned, category)
+        families |= {family_of(e) for e in (*experts_of(fit_strategy), *also)}
+    return sorted(families)
 
 
 def strategy_thresholds(det: Detector, applied: str) -> tuple[float | None, float | None]:
@@ -301,7 +330,7 @@ def prepare_category(job: CategoryJob) -> tuple[list[str], CategoryData]:
                                "install the same weights on every node")
     features, seconds = _extract(det, tests.images, tests.keys, families, job.progress)
     det.cache.clear()  # the cells take test features from `features`; the cache keeps the shots'
-    shots = sorted({s.path for cell in job.cells
+    shots = sorted({s.path for cell in job.cells if cell.shots
                     for s in sample_shots(category.train, cell.shots, cell.seed, job.sampling)}, key=str)
     arrays, keys = [], []
     for path in shots:
@@ -327,10 +356,13 @@ def run_cell(data: CategoryData, cell: Cell) -> CellResult:
 
 
 def _cell_rows(data: CategoryData, cell: Cell) -> tuple[list[dict[str, Any]], dict[str, bytes] | None]:
+    if cell.shots == 0:
+        return _zero_shot_rows(data, cell), None
     job, tests = data.job, data.tests
     name = job.name
+    strategies = strategies_at(job.strategies, cell.shots)
     train = sample_shots(job.category.train, cell.shots, cell.seed, job.sampling)
-    fit_strategy, also = fit_plan(job.strategies, job.pinned, name)
+    fit_strategy, also = fit_plan(strategies, job.pinned, name)
     det = Detector(fit_strategy, cache=dict(data.shot_cache), seed=cell.seed, **data.config)
     det.fit([s.path for s in train], also=also)
     feats = {f: data.features[f] for f in det.families("all")}
@@ -344,7 +376,7 @@ def _cell_rows(data: CategoryData, cell: Cell) -> tuple[list[dict[str, Any]], di
     fit_seconds = det.fit_seconds + len(train) * sum(data.feature_seconds[f] for f in feats)
     shot_files = ";".join(s.path.name for s in train)
     rows = []
-    for strategy in job.strategies:
+    for strategy in strategies:
         applied = det.strategy if strategy == "auto" else \
             pinned_strategy(name, job.pinned) if strategy == "preset" else strategy
         start = time.perf_counter()
@@ -361,6 +393,34 @@ def _cell_rows(data: CategoryData, cell: Cell) -> tuple[list[dict[str, Any]], di
         rows.append({k: row[k] for k in RESULT_COLUMNS})
     panels = _panels(data, det, expert_maps, feats) if cell.panels else None
     return rows, panels
+
+
+def _zero_shot_rows(data: CategoryData, cell: Cell) -> list[dict[str, Any]]:
+    """The `zero_shot` row of a 0-shot cell: the test images, shuffled with the cell's seed, in
+    batches of ZERO_SHOT_BATCH (a short last one joins the one before, as `predict --zero-shot`
+    batches), each scored against itself by `score_batch`. The metrics pool every batch's maps and
+    scores (one distance scale); the verdicts apply each batch's own thresholds to its images."""
+    tests = data.tests
+    config = DetectorConfig(**{**data.config, "seed": cell.seed})
+    grid = grid_for(config.eval_size, config.aspect_ratio, 1)  # the grid the test masks are on
+    features = data.features["semantic"]
+    n = len(tests.samples)
+    maps, scores = torch.empty(n, *grid), torch.empty(n)
+    thresholds, pixel_thresholds = torch.empty(n), torch.empty(n)
+    order = np.random.default_rng(cell.seed).permutation(n).tolist()
+    start = time.perf_counter()
+    for batch in split_batches(order, ZERO_SHOT_BATCH):
+        scored = score_batch(features[batch], grid, config)
+        maps[batch], scores[batch] = scored.maps, scored.scores
+        thresholds[batch], pixel_thresholds[batch] = scored.threshold, scored.pixel_threshold
+    per_image = (time.perf_counter() - start) / n + data.feature_seconds["semantic"]
+    metrics = tests.metrics(scores.numpy(), maps.numpy())
+    maps -= pixel_thresholds[:, None, None]  # in place (maps are big): above 0 = above the batch's own
+    verdicts = tests.verdicts((scores - thresholds).numpy(), maps.numpy(), 0.0, 0.0)
+    row = {"category": data.job.name, "shots": 0, "seed": cell.seed, "strategy": ZERO_SHOT,
+           "applied_strategy": ZERO_SHOT, **metrics, **verdicts, "fit_seconds": 0.0,
+           "predict_seconds_per_image": per_image, "shot_files": ""}
+    return [{k: row[k] for k in RESULT_COLUMNS}]
 
 
 def _panels(data: CategoryData, det: Detector, expert_maps: dict[str, torch.Tensor],
@@ -452,8 +512,9 @@ class Benchmark:
         self.pinned = load_pinned(spec.pinned)
         self.failures: list[dict[str, Any]] = []
         for strategy in spec.strategies:
-            if strategy != "preset":
+            if strategy not in ("preset", ZERO_SHOT):
                 parse_strategy(strategy)
+        check_plan(spec.strategies, spec.shots)
         if "preset" in spec.strategies and not self.pinned:
             raise ValueError("strategy 'preset' needs --pinned (a preset name or a strategy map file)")
 
@@ -515,15 +576,16 @@ class Benchmark:
         self._check_out(backbones)
         finished = {_cell_key(r) for r in read_results(self.results)} if self.results.exists() else set()
         strategies = tuple(self.spec.strategies)
-        panel_cell = (max(self.spec.shots), self.spec.seeds[0])
+        panel_cell = (max(self.spec.shots), self.spec.seeds[0])  # zero-shot cells draw none (shots > 0 below)
         pending: dict[tuple[str, int, int], list[str]] = {}
         jobs = []
         for category in categories:
             cells = []
             for shots in self.spec.shots:
                 for seed in self.spec.seeds:
-                    missing = [s for s in strategies if (category.name, shots, seed, s) not in finished]
-                    panels = (shots, seed) == panel_cell and self.spec.panels_per_type > 0 \
+                    missing = [s for s in strategies_at(strategies, shots)
+                               if (category.name, shots, seed, s) not in finished]
+                    panels = (shots, seed) == panel_cell and shots > 0 and self.spec.panels_per_type > 0 \
                         and not self._panels_ok(category.name)
                     if missing or panels:
                         pending[(category.name, shots, seed)] = missing
@@ -535,7 +597,8 @@ class Benchmark:
             jobs.append(CategoryJob(category, cells, strategies, dict(self.spec.config), self.spec.sampling,
                                     self.pinned, self.spec.panels_per_type, backbones,
                                     progress=self.progress))
-        total = len(categories) * len(self.spec.shots) * len(self.spec.seeds) * len(strategies)
+        total = len(categories) * len(self.spec.seeds) * sum(len(strategies_at(strategies, k))
+                                                             for k in self.spec.shots)
         todo = sum(len(m) for m in pending.values())
         self.log(f"{total} cells, {total - todo} already finished, {todo} to run")
         bar = tqdm(total=todo, desc="cells", unit="cell", disable=not self.progress)
@@ -571,7 +634,7 @@ class Benchmark:
         cells = {(c.name, k, s) for c in categories for k in self.spec.shots for s in self.spec.seeds}
         latest = {(f["category"], f["shots"], f["seed"]): f for f in read_failures(self.failed)}
         return [f for key, f in latest.items() if key in cells
-                and any((*key, s) not in done for s in self.spec.strategies)]
+                and any((*key, s) not in done for s in strategies_at(self.spec.strategies, key[1]))]
 
 
 def oracle_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

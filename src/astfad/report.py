@@ -14,6 +14,10 @@ seeds; an all-category value is, for each seed, the mean over categories (NaN me
 then the mean ± std of those per-seed means over seeds. A seed only enters an all-category value
 when the strategy has a row for every category of that shot count, so strategies are compared on
 the same categories.
+
+Shot count 0 holds zero-shot rows (no normal image: test images scored against each other): it
+has its columns and tables like any shot count, is left out of the paper-style table (no baseline
+runs without normal images), and the per-category figure shows it beside the largest shot count.
 """
 
 from __future__ import annotations
@@ -448,7 +452,10 @@ def _paper_section(summary: Summary, baseline: str, applied: str) -> list[str]:
              "computed as the all-category values above.", ""]
     header = ["Category", "Applied Strategy", "Image AUROC (astfad)", "Baseline Image AUROC",
               "Pixel AUROC (astfad)", "Baseline Pixel AUROC"]
-    for k in summary.shots:
+    shots = [k for k in summary.shots if k > 0]  # nothing to compare with at 0 shots
+    if not shots:
+        return []
+    for k in shots:
         lines += [f"### {k}-shot", ""]
         absent = [s for s in (applied, baseline) if (("image_auroc", s, k) not in summary.overall)]
         if absent:
@@ -491,7 +498,10 @@ def _verdict_section(summary: Summary) -> list[str]:
              "accuracy 50); mask IoU and Dice: per defective image with a ground-truth mask, then "
              "averaged; pixel FPR: share of the pixels of good images inside the mask (lower is "
              "better). Values are means over categories and seeds as above; strategies without a "
-             "threshold of their own are left out.", ""]
+             "threshold of their own are left out."
+             + (" At 0 shots there is no normal image: the thresholds come from each batch of test "
+                "images itself (robustly), so a verdict there means \"unusual within its batch\"."
+                if 0 in summary.shots else ""), ""]
     columns = list(_VERDICT_TABLE)
     for k in summary.shots:
         present = [s for s in summary.strategies
@@ -565,8 +575,9 @@ def _legend_below(fig: Figure, handles: list, labels: list[str]) -> None:
 
 def plot_results(rows: Iterable[Mapping[str, Any]], out_dir: Path) -> list[Path]:
     """Write `auroc_vs_shots.png` (image and pixel AUROC over categories vs shots, error bars =
-    std over seeds) and `per_category_<k>shot.png` (image AUROC per category for the largest shot
-    count). Values in percent; returns the paths."""
+    std over seeds; a log axis, linear below 1 shot when 0 shots are present) and
+    `per_category_<k>shot.png` (image AUROC per category for the largest shot count, with the
+    0-shot strategies beside it). Values in percent; returns the paths."""
     summary = summarise(rows)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -582,15 +593,19 @@ def plot_results(rows: Iterable[Mapping[str, Any]], out_dir: Path) -> list[Path]
                       if (metric, s, k) in summary.overall and summary.overall[(metric, s, k)].n]
             if not points:
                 continue
-            dodge = 2 ** (0.025 * (i - (len(summary.strategies) - 1) / 2))  # keeps error bars apart
+            offset = 0.025 * (i - (len(summary.strategies) - 1) / 2)  # keeps error bars apart
             handles[s] = ax.errorbar(
-                [k * dodge for k, _ in points], [100 * st.mean for _, st in points],
+                [k * 2 ** offset if k else offset for k, _ in points], [100 * st.mean for _, st in points],
                 yerr=[0.0 if math.isnan(st.std) else 100 * st.std for _, st in points],
                 color=colours[s], marker="o", capsize=3, linestyle="--" if s == "oracle" else "-")
-        ax.set_xscale("log", base=2)
+        if min(shots) > 0:
+            ax.set_xscale("log", base=2)
+            ax.set_xlim(min(shots) / 1.4, max(shots) * 1.4)
+        else:  # 0 shots: linear up to 1, log above
+            ax.set_xscale("symlog", base=2, linthresh=1, linscale=0.5)
+            ax.set_xlim(-0.3, max(1, max(shots)) * 1.4)
         ax.set_xticks(shots, [str(k) for k in shots])
         ax.xaxis.set_minor_locator(NullLocator())
-        ax.set_xlim(min(shots) / 1.4, max(shots) * 1.4)
         ax.set_xlabel("shots (normal images)")
         ax.set_ylabel(f"{title} (%)")
         ax.set_title(f"{title}, mean over categories")
@@ -602,16 +617,18 @@ def plot_results(rows: Iterable[Mapping[str, Any]], out_dir: Path) -> list[Path]
 
     k = max(shots)
     groups = list(summary.categories[k]) + ["mean"]
-    present = [s for s in summary.strategies if ("image_auroc", s, k) in summary.overall]
+    present = [(s, k) for s in summary.strategies if ("image_auroc", s, k) in summary.overall]
+    if k > 0:
+        present += [(s, 0) for s in summary.strategies if ("image_auroc", s, 0) in summary.overall]
     width = 0.8 / len(present)
     fig = Figure(figsize=(min(24.0, max(8.0, 0.22 * len(groups) * len(present) + 2)), 5.5),
                  dpi=_DPI, layout="constrained")
     ax = fig.subplots()
     values_seen = []
     bars = []
-    for i, s in enumerate(present):
-        stats = [summary.per_category.get(("image_auroc", s, k, c)) for c in groups[:-1]]
-        stats.append(summary.overall[("image_auroc", s, k)])
+    for i, (s, at) in enumerate(present):
+        stats = [summary.per_category.get(("image_auroc", s, at, c)) for c in groups[:-1]]
+        stats.append(summary.overall[("image_auroc", s, at)])
         means = [100 * st.mean if st and st.n else math.nan for st in stats]
         errors = [100 * st.std if st and st.n > 1 else 0.0 for st in stats]
         values_seen += [m for m in means if math.isfinite(m)]
@@ -625,7 +642,7 @@ def plot_results(rows: Iterable[Mapping[str, Any]], out_dir: Path) -> list[Path]
     ax.set_title(f"Image AUROC per category, {k}-shot (mean over {len(summary.seeds[k])} seeds, "
                  "error bars = std)")
     ax.grid(axis="y", alpha=0.3)
-    _legend_below(fig, bars, present)
+    _legend_below(fig, bars, [s if at == k else f"{s} ({at}-shot)" for s, at in present])
     bar_path = out_dir / f"per_category_{k}shot.png"
     fig.savefig(bar_path, dpi=_DPI)
     return [curve_path, bar_path]

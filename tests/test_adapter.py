@@ -41,3 +41,39 @@ def test_view_to_source_samples_the_content_a_view_shows():
     assert box != (0.0, 0.0, 1.0, 1.0)
     assert torch.allclose(sampled[0, 1:-1, 0], y0 + ys[1:-1, 0] * (y1 - y0), atol=1e-5)
     assert torch.allclose(sampled[1, 0, 1:-1], x0 + xs[0, 1:-1] * (x1 - x0), atol=1e-5)
+
+
+def _nearest_distance(queries: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
+    q, b = torch.nn.functional.normalize(queries, dim=1), torch.nn.functional.normalize(bank, dim=1)
+    return 1 - (q @ b.T).max(dim=1).values
+
+
+def test_separation_keeps_pasted_anomalies_apart_without_collapse():
+    g = torch.Generator().manual_seed(1)
+    centres = torch.randn(6, 32, generator=g)
+    anchors = torch.nn.functional.normalize(centres[torch.randint(0, 6, (3000,), generator=g)]
+                                            + 0.3 * torch.randn(3000, 32, generator=g), dim=1)
+    positives = torch.nn.functional.normalize(anchors + 0.05 * torch.randn(3000, 32, generator=g), dim=1)
+    # anomalous patches: halfway between two normal modes, close to normal at the input
+    pairs = torch.randint(0, 6, (400, 2), generator=g)
+    negatives = torch.nn.functional.normalize(centres[pairs[:, 0]] + centres[pairs[:, 1]]
+                                              + 0.3 * torch.randn(400, 32, generator=g), dim=1)
+    plain, _ = train_adapter(anchors, positives, hidden=16, steps=120, seed=0)
+    separated, stats = train_adapter(anchors, positives, hidden=16, steps=120, seed=0, negatives=negatives)
+    test_normal = torch.nn.functional.normalize(anchors[:300] + 0.05 * torch.randn(300, 32, generator=g), dim=1)
+
+    def margin(adapter) -> float:  # how much further anomalies lie from the normal bank than normal patches
+        with torch.no_grad():
+            bank = adapter(anchors[300:])
+            return float(_nearest_distance(adapter(negatives), bank).mean()
+                         - _nearest_distance(adapter(test_normal), bank).mean())
+
+    assert margin(separated) > margin(plain)
+    assert stats["separation"] < 0.1 and stats["adapted_spread"] >= 0.5 * stats["input_spread"]
+
+
+def test_negatives_must_match_the_anchors_width():
+    import pytest
+
+    with pytest.raises(ValueError, match="negatives"):
+        train_adapter(torch.randn(10, 8), torch.randn(10, 8), hidden=4, steps=1, negatives=torch.randn(5, 6))

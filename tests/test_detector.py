@@ -220,3 +220,14 @@ def test_auto_experts_are_checked(fake_backbones, parts):
         Detector("auto", auto_experts=("texture", "nope"))
     with pytest.raises(ValueError, match="auto's default 'semantic'"):
         Detector("auto", auto_experts=("texture",), **FAST).fit(parts["train"][:2])
+
+
+def test_adapter_trains_with_pasted_anomalies_from_both_groups(fake_backbones, parts):
+    from astfad.detector import owner_group
+
+    det = Detector("semantic_adapter", **FAST).fit(parts["train"][:4])
+    assert "separation" in det.adapter_stats and "held_out_0_separation" in det.adapter_stats
+    normal = det._normal_set(parts["train"][:4], [None] * 4, ["semantic"], True)
+    negatives, owners = det._negatives(normal, "semantic")
+    assert len(negatives) == len(owners) > 0
+    assert set(owner_group(owners, False).tolist()) == {0, 1}  # each held-out copy keeps the other's

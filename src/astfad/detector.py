@@ -17,7 +17,7 @@ import statistics
 import time
 import zlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,7 @@ from astfad import __version__
 from astfad.backbones import available_offline, default_weights_url, load_backbone
 from astfad.config import DetectorConfig, experts_of, grid_for, parse_strategy
 from astfad.data.images import load_image
+from astfad.data.synthetic import ANOMALY_KINDS, random_anomaly
 from astfad.data.views import Source, normal_view, rotate, view_to_source
 from astfad.experts.base import Exclusions, flatten_patches
 from astfad.experts.mutual import DEFAULT_FRACTION as MUTUAL_FRACTION
@@ -37,7 +38,7 @@ from astfad.experts.registry import REGISTRY, Expert, ExpertSpec
 from astfad.features import FeatureCache, Featurizer, resolve_device, semantic_reader, texture_reader
 from astfad.fusion import Normaliser, fuse
 from astfad.modelfile import ModelFileError, read_model_file, write_model_file
-from astfad.scoring import image_scores, to_eval_grid, to_image_size
+from astfad.scoring import image_scores, mask_to_grid, to_eval_grid, to_image_size
 from astfad.selection import (CANDIDATES, DEFAULT_STRATEGY, MAX_ANOMALOUS_IMAGES, MIN_ANOMALOUS_IMAGES, Evidence,
                               SelectionReport, choose_strategy, labels_to_grid, synthetic_anomalies)
 from astfad.thresholds import ScoreModel, TailModel, ThresholdModel
@@ -287,7 +288,10 @@ class Detector:
         expert = spec.build(self.config, self._blocks(spec.family))
         if spec.trained:
             anchors, positives, _ = self._view_pairs(normal, spec.family, group)
-            stats = expert.train(anchors, positives, self.config)
+            negatives, owners = self._negatives(normal, spec.family)
+            if group is not None:
+                negatives = negatives[owner_group(owners, len(self.shots) == 1) != group]
+            stats = expert.train(anchors, positives, self.config, negatives)
             prefix = "" if group is None else f"held_out_{group}_"
             self.adapter_stats.update({f"{prefix}{k}": v for k, v in stats.items()})
         if spec.on_references:
@@ -325,6 +329,23 @@ class Detector:
         if not anchors or sum(len(a) for a in anchors) == 0:
             raise ValueError("a trained expert needs views of the shots to train on")
         return torch.cat(anchors), torch.cat(positives), torch.cat(owners)
+
+    def _negatives(self, normal: "NormalSet", family: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Anomalous patches for a trained expert to keep apart from the normal ones: one synthetic
+        anomaly (kinds in turn) pasted into each of the first NORMAL_TARGET normal images, the
+        patches it covers at least half of, with their owners (the content they were pasted
+        into). Made once per fit, from a seed of their own (not selection's validation anomalies)."""
+        if family not in normal.negatives:
+            rng = np.random.default_rng([self.config.seed, 7])
+            kinds = list(ANOMALY_KINDS)
+            pasted = [random_anomaly(image, rng, kinds=[kinds[j % len(kinds)]])[:2]
+                      for j, image in enumerate(normal.images[:NORMAL_TARGET])]
+            feats = self.features(family, [image for image, _ in pasted])
+            grid = tuple(feats.shape[-2:])
+            covered = torch.from_numpy(np.stack([mask_to_grid(mask, grid) for _, mask in pasted])).reshape(-1)
+            owners = self._owner_maps(normal.sources[:len(pasted)], grid).reshape(-1)
+            normal.negatives[family] = (flatten_patches(feats)[covered], owners[covered])
+        return normal.negatives[family]
 
     def _held_out(self, spec: ExpertSpec, normal: "NormalSet", references: dict[str, tuple[torch.Tensor, torch.Tensor]]
                   ) -> Callable[[torch.Tensor, Exclusions], torch.Tensor]:
@@ -626,6 +647,8 @@ class NormalSet:
     images: list[np.ndarray]
     sources: list[Source]
     features: dict[str, torch.Tensor]
+    # family -> anomalous patches pasted into these images (K, D) and their owners (K,), made once
+    negatives: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
 
 def load(path: str | os.PathLike, device: str | None = None) -> Detector:

@@ -7,7 +7,11 @@ and an augmented view of it:
     the adapted normal tokens, refreshed during training: normal features are pulled together;
   - anti-collapse: a hinge keeping every output dimension's spread at least `keep_spread` of the
     input's (the trivial solution maps everything to one point and has zero spread), plus a
-    small penalty on the distance to the identity mapping.
+    small penalty on the distance to the identity mapping;
+  - separation (when anomalous patches are given: synthetic anomalies pasted into the shots): a
+    hinge pushing each anomalous patch's distance to its nearest prototype at least
+    `SEPARATION_MARGIN` beyond the normal patches' mean distance, so the adapter learns what to
+    keep apart, not only what to pull together.
 The up-projection starts at zero, so an untrained adapter is exactly the identity.
 """
 
@@ -24,6 +28,8 @@ KEEP_SPREAD = 0.8
 COMPACTNESS_WEIGHT = 1.0
 IDENTITY_WEIGHT = 0.1
 BATCH_PATCHES = 1024
+SEPARATION_WEIGHT = 1.0
+SEPARATION_MARGIN = 0.2
 
 
 class Adapter(nn.Module):
@@ -62,11 +68,16 @@ def spread(x: torch.Tensor) -> torch.Tensor:
 
 
 def train_adapter(anchors: torch.Tensor, positives: torch.Tensor, hidden: int = 128,
-                  steps: int = 150, lr: float = 1e-3, seed: int = 0) -> tuple[Adapter, dict[str, float]]:
-    """Train an Adapter on matching (M, D) patch pairs; returns it with the final loss terms and
-    the spread of input and adapted features (the collapse check)."""
+                  steps: int = 150, lr: float = 1e-3, seed: int = 0,
+                  negatives: torch.Tensor | None = None) -> tuple[Adapter, dict[str, float]]:
+    """Train an Adapter on matching (M, D) patch pairs, and (K, D) anomalous patches to keep apart
+    when given; returns it with the final loss terms and the spread of input and adapted features
+    (the collapse check)."""
     if anchors.shape != positives.shape or anchors.ndim != 2:
         raise ValueError("anchors and positives must be matching (M, D) tensors")
+    if negatives is not None and (negatives.ndim != 2 or negatives.shape[1] != anchors.shape[1]):
+        raise ValueError("negatives must be (K, D) tensors of the anchors' width")
+    separate = negatives is not None and len(negatives) > 0
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     adapter = Adapter(anchors.shape[1], hidden)
@@ -83,17 +94,23 @@ def train_adapter(anchors: torch.Tensor, positives: torch.Tensor, hidden: int = 
         batch = torch.randint(0, m, (min(BATCH_PATCHES, m),), generator=generator)
         a, p = adapter(anchors[batch]), adapter(positives[batch])
         consistency = 1 - F.cosine_similarity(a, p, dim=1).mean()
-        nearest = (F.normalize(a, dim=1) @ prototypes.T).max(1).values
-        compactness = (1 - nearest).mean()
+        distance = 1 - (F.normalize(a, dim=1) @ prototypes.T).max(1).values
+        compactness = distance.mean()
         collapse = F.relu(KEEP_SPREAD * input_std - a.std(dim=0)).mean() / input_std.mean()
         identity = (a - anchors[batch]).pow(2).sum(1).mean()
-        loss = consistency + COMPACTNESS_WEIGHT * compactness + collapse + IDENTITY_WEIGHT * identity
+        separation = torch.zeros(())
+        if separate:
+            pick = torch.randint(0, len(negatives), (min(BATCH_PATCHES, len(negatives)),), generator=generator)
+            far = 1 - (F.normalize(adapter(negatives[pick]), dim=1) @ prototypes.T).max(1).values
+            separation = F.relu(SEPARATION_MARGIN + distance.detach().mean() - far).mean()
+        loss = (consistency + COMPACTNESS_WEIGHT * compactness + collapse + IDENTITY_WEIGHT * identity
+                + SEPARATION_WEIGHT * separation)
         optimiser.zero_grad()
         loss.backward()
         optimiser.step()
         terms = {name: float(value.detach()) for name, value in (
             ("loss", loss), ("consistency", consistency), ("compactness", compactness),
-            ("collapse", collapse), ("identity", identity))}
+            ("collapse", collapse), ("identity", identity), ("separation", separation))}
     adapter.eval()
     with torch.no_grad():
         terms["input_spread"] = float(spread(anchors[sample]))
@@ -112,11 +129,13 @@ class AdaptedSemanticExpert(SemanticExpert):
         super().__init__(mask_background, seed)
         self.adapter = adapter
 
-    def train(self, anchors: torch.Tensor, positives: torch.Tensor, config) -> dict[str, float]:
-        """Train the adapter on matching (M, D) patch pairs with the detector config's adapter
-        settings; returns the final loss terms and the collapse check."""
+    def train(self, anchors: torch.Tensor, positives: torch.Tensor, config,
+              negatives: torch.Tensor | None = None) -> dict[str, float]:
+        """Train the adapter on matching (M, D) patch pairs (and anomalous patches to keep apart)
+        with the detector config's adapter settings; returns the final loss terms and the collapse
+        check."""
         self.adapter, stats = train_adapter(anchors, positives, config.adapter_hidden, config.adapter_steps,
-                                            config.adapter_lr, config.seed)
+                                            config.adapter_lr, config.seed, negatives)
         return stats
 
     def transform(self, feats: torch.Tensor) -> torch.Tensor:

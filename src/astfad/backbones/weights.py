@@ -27,7 +27,6 @@ import hashlib
 import importlib.metadata
 import importlib.util
 import os
-import tempfile
 import urllib.parse
 import urllib.request
 from dataclasses import dataclass
@@ -35,6 +34,8 @@ from pathlib import Path
 from typing import Callable, Mapping
 
 import torch
+
+from astfad.data.images import write_atomically
 
 __all__ = [
     "WeightsUnavailableError",
@@ -216,26 +217,12 @@ def _load_converter(dotted: str) -> Callable[[Path], StateDict]:
     return getattr(importlib.import_module(mod), fn)
 
 
-def _publish(tmp: str, dest: Path) -> None:
-    """Give a finished temp file the usual permissions (mkstemp makes it 0600), then rename it."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
-    os.replace(tmp, dest)
-
-
 def _atomic_save_safetensors(sd: StateDict, dest: Path, metadata: dict[str, str]) -> None:
     from safetensors.torch import save_file
 
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=dest.name + ".", suffix=".tmp", dir=dest.parent)
-    os.close(fd)
-    try:
-        save_file({k: v.contiguous() for k, v in sd.items()}, tmp, metadata=metadata)
-        _publish(tmp, dest)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    write_atomically(dest, lambda tmp: save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp),
+                                                 metadata=metadata))
 
 
 def converted_cache_path(src: OnnxConversion, onnx_path: Path) -> Path:
@@ -282,20 +269,18 @@ def _download(url: str, dest: Path, timeout: float = DOWNLOAD_TIMEOUT_S, sha256_
     content's SHA-256 against ``sha256_prefix`` when given. Tests replace this function to simulate the
     network."""
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=dest.name + ".", suffix=".part", dir=dest.parent)
-    h = hashlib.sha256()
-    try:
+
+    def fetch(tmp: Path) -> None:
+        h = hashlib.sha256()
         req = urllib.request.Request(url, headers={"User-Agent": "astfad"})
-        with urllib.request.urlopen(req, timeout=timeout) as resp, os.fdopen(fd, "wb") as out:  # noqa: S310
+        with urllib.request.urlopen(req, timeout=timeout) as resp, open(tmp, "wb") as out:  # noqa: S310
             for chunk in iter(lambda: resp.read(1 << 20), b""):
                 out.write(chunk)
                 h.update(chunk)
         if sha256_prefix and not h.hexdigest().startswith(sha256_prefix):
             raise OSError(f"SHA-256 mismatch for {url}: expected {sha256_prefix}..., got {h.hexdigest()[:12]}...")
-        _publish(tmp, dest)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+
+    write_atomically(dest, fetch)
 
 
 def _hash_prefix_in_name(filename: str) -> str | None:

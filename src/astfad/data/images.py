@@ -392,7 +392,8 @@ def write_atomically(path: str | Path, write: Callable[[Path], object], overwrit
                 os.fsync(handle.fileno())
         os.replace(tmp, path)
     except OSError as exc:  # e.g. a full disk: name the file meant, not the temporary one
-        exc.filename = str(path)
+        if exc.errno is not None:  # a system error; one raised with a message keeps its message
+            exc.filename = str(path)
         raise
     finally:
         if tmp.exists():

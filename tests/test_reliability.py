@@ -675,3 +675,22 @@ def test_fuzz_detector_load_raises_only_model_file_error(model_parts, tmp_path, 
     else:
         assert detector.strategy is not None and detector.experts
         event("loaded")
+
+
+def test_each_expert_checks_the_layout_of_its_saved_tensors():
+    from astfad.experts.adapter import AdaptedSemanticExpert
+    from astfad.experts.base import TensorLayoutError
+    from astfad.experts.semantic import SemanticExpert
+    from astfad.experts.subspace import SubspaceExpert
+
+    bank = {"bank": torch.zeros(5, 4), "owners": torch.zeros(5, dtype=torch.long)}
+    assert SemanticExpert.check_tensors(bank) == {"bank", "owners"}
+    layers = {"adapter.down.weight": torch.zeros(2, 4), "adapter.down.bias": torch.zeros(2),
+              "adapter.up.weight": torch.zeros(4, 2), "adapter.up.bias": torch.zeros(4)}
+    assert AdaptedSemanticExpert.check_tensors({**bank, **layers}) == {"bank", "owners", *layers}
+    with pytest.raises(TensorLayoutError, match="adapter.up.bias is missing"):
+        AdaptedSemanticExpert.check_tensors({**bank, **{k: v for k, v in layers.items() if k != "adapter.up.bias"}})
+    with pytest.raises(TensorLayoutError, match=r"projector must be float \(4, 4\)"):
+        SubspaceExpert.check_tensors({"mean": torch.zeros(4), "projector": torch.zeros(4, 3)})
+    with pytest.raises(TensorLayoutError, match="pca_mean comes without its PCA partner"):
+        SemanticExpert.check_tensors({**bank, "pca_mean": torch.zeros(4)})

@@ -25,14 +25,13 @@ from safetensors.torch import save
 
 from astfad.backbones import BACKBONES
 from astfad.config import DetectorConfig, experts_of, parse_strategy
-from astfad.experts.registry import REGISTRY
 from astfad.data.images import write_atomically
+from astfad.experts.base import INT_DTYPES, TensorLayoutError
+from astfad.experts.registry import REGISTRY, expert_spec
 
 EXPERTS = tuple(REGISTRY)
 METADATA_KEY = "astfad"
-ADAPTER_KEYS = ("adapter.down.weight", "adapter.down.bias", "adapter.up.weight", "adapter.up.bias")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-INT_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 
 
 class ModelFileError(ValueError):
@@ -255,54 +254,20 @@ def _check_threshold_models(check: _Checker, meta: Mapping[str, Any]) -> None:
 
 
 def _check_tensors(check: _Checker, experts: list[str], tensors: Mapping[str, torch.Tensor]) -> None:
-    """Each expert's bank (N, D) float, owners (N,) integer >= 0, optional PCA vectors (D,) and
-    the adapter's (hidden, D) / (D, hidden) layers; every float finite; nothing else."""
+    """Each expert's tensors in the layout its class declares (`check_tensors`: a bank and its
+    owners, PCA vectors, adapter layers, a projector...); every float finite; nothing else."""
     for key, tensor in tensors.items():
         if tensor.dtype not in (*FLOAT_DTYPES, *INT_DTYPES):
             check.fail(f"tensor {key}", f"has an unsupported dtype {tensor.dtype}")
     allowed = set()
     for name in experts:
-        if name == "subspace":  # no bank: a mean (D,) and a residual projector (D, D)
-            mean, projector = tensors.get(f"{name}.mean"), tensors.get(f"{name}.projector")
-            if mean is None or mean.ndim != 1 or projector is None or tuple(projector.shape) != (mean.shape[0],) * 2:
-                check.fail(f"tensor {name}.projector", "must be (D, D) beside a mean of D values")
-            allowed |= {f"{name}.mean", f"{name}.projector"}
-            continue
-        bank_key, owners_key = f"{name}.bank", f"{name}.owners"
-        for key in (bank_key, owners_key):
-            if key not in tensors:
-                check.fail(f"tensor {key}", f"is missing (the memory bank of expert '{name}')")
-        bank, owners = tensors[bank_key], tensors[owners_key]
-        if bank.ndim != 2 or bank.shape[0] == 0 or bank.shape[1] == 0 or not bank.is_floating_point():
-            check.fail(f"tensor {bank_key}", f"must be a non-empty 2-D float tensor, got {bank.dtype} "
-                                             f"{tuple(bank.shape)}")
-        if owners.ndim != 1 or owners.shape[0] != bank.shape[0] or owners.dtype not in INT_DTYPES:
-            check.fail(f"tensor {owners_key}", f"must be 1-D integers, one per bank row ({bank.shape[0]}), "
-                                               f"got {owners.dtype} {tuple(owners.shape)}")
-        if int(owners.min()) < 0:
-            check.fail(f"tensor {owners_key}", "holds negative owners")
-        dim = bank.shape[1]
-        shapes = {}
-        if name != "texture":
-            pca = [k for k in ("pca_mean", "pca_direction") if f"{name}.{k}" in tensors]
-            if len(pca) == 1:
-                check.fail(f"tensor {name}.{pca[0]}", "comes without its PCA partner")
-            shapes.update({k: (dim,) for k in pca})
-        if name == "semantic_adapter":
-            down = tensors.get(f"{name}.adapter.down.weight")
-            if down is None or down.ndim != 2 or down.shape[1] != dim:
-                check.fail(f"tensor {name}.adapter.down.weight", f"must be (hidden, {dim})"
-                           + ("" if down is None else f", got {tuple(down.shape)}"))
-            hidden = down.shape[0]
-            shapes.update(zip(ADAPTER_KEYS, ((hidden, dim), (hidden,), (dim, hidden), (dim,))))
-        for key, shape in shapes.items():
-            full = f"{name}.{key}"
-            if full not in tensors:
-                check.fail(f"tensor {full}", "is missing")
-            got = tensors[full]
-            if tuple(got.shape) != shape or not got.is_floating_point():
-                check.fail(f"tensor {full}", f"must be float {shape}, got {got.dtype} {tuple(got.shape)}")
-        allowed |= {bank_key, owners_key, *(f"{name}.{k}" for k in shapes)}
+        prefix = f"{name}."
+        own = {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}
+        try:
+            accepted = expert_spec(name).kind.check_tensors(own)
+        except TensorLayoutError as exc:
+            check.fail(f"tensor {prefix}{exc.key}", exc.problem)
+        allowed |= {prefix + k for k in accepted}
     extra = sorted(set(tensors) - allowed)
     if extra:
         check.fail(f"tensor {extra[0]}", "belongs to no saved expert")

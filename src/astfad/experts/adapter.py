@@ -17,10 +17,13 @@ The up-projection starts at zero, so an untrained adapter is exactly the identit
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from astfad.experts.base import TensorLayoutError, require_float
 from astfad.experts.semantic import SemanticExpert
 
 PROTOTYPES = 32
@@ -143,6 +146,22 @@ class AdaptedSemanticExpert(SemanticExpert):
             raise RuntimeError("the semantic_adapter expert has no trained adapter")
         with torch.no_grad():
             return self.adapter.forward_maps(feats)
+
+    @classmethod
+    def check_tensors(cls, tensors: Mapping[str, torch.Tensor]) -> set[str]:
+        """The semantic expert's keys and the adapter's (hidden, D) / (D, hidden) layers."""
+        keys = super().check_tensors(tensors)
+        dim = tensors["bank"].shape[1]
+        down = tensors.get("adapter.down.weight")
+        if down is None or down.ndim != 2 or down.shape[1] != dim:
+            raise TensorLayoutError("adapter.down.weight", f"must be (hidden, {dim})"
+                                    + ("" if down is None else f", got {tuple(down.shape)}"))
+        hidden = down.shape[0]
+        layers = {"adapter.down.weight": (hidden, dim), "adapter.down.bias": (hidden,),
+                  "adapter.up.weight": (dim, hidden), "adapter.up.bias": (dim,)}
+        for key, shape in layers.items():
+            require_float(tensors, key, shape)
+        return keys | set(layers)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         out = super().tensors()

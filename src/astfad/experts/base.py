@@ -6,7 +6,7 @@ features (CNN stages or ViT tokens), the metric, the bank size and an optional l
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 
@@ -14,6 +14,24 @@ from astfad.memory import MemoryBank
 
 
 Exclusions = Sequence[int | torch.Tensor | None] | None
+INT_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+
+
+class TensorLayoutError(ValueError):
+    """A saved tensor that does not fit its expert: `key` (without the expert's prefix) and why."""
+
+    def __init__(self, key: str, problem: str) -> None:
+        super().__init__(f"tensor {key} {problem}")
+        self.key, self.problem = key, problem
+
+
+def require_float(tensors: Mapping[str, torch.Tensor], key: str, shape: tuple[int, ...]) -> None:
+    """TensorLayoutError unless `tensors[key]` is a float tensor of `shape`."""
+    if key not in tensors:
+        raise TensorLayoutError(key, "is missing")
+    got = tensors[key]
+    if tuple(got.shape) != shape or not got.is_floating_point():
+        raise TensorLayoutError(key, f"must be float {shape}, got {got.dtype} {tuple(got.shape)}")
 
 
 def flatten_patches(feats: torch.Tensor) -> torch.Tensor:
@@ -75,6 +93,24 @@ class KNNExpert:
         """The expert searching its bank on another device (CUDA uses chunked matrix products)."""
         self.bank = self._require_bank().to(device)
         return self
+
+    @classmethod
+    def check_tensors(cls, tensors: Mapping[str, torch.Tensor]) -> set[str]:
+        """The keys of a saved bank, checked: (N, D) float features and (N,) integer owners >= 0
+        (TensorLayoutError otherwise)."""
+        for key in ("bank", "owners"):
+            if key not in tensors:
+                raise TensorLayoutError(key, f"is missing (the memory bank of expert '{cls.name}')")
+        bank, owners = tensors["bank"], tensors["owners"]
+        if bank.ndim != 2 or bank.shape[0] == 0 or bank.shape[1] == 0 or not bank.is_floating_point():
+            raise TensorLayoutError("bank", f"must be a non-empty 2-D float tensor, got {bank.dtype} "
+                                            f"{tuple(bank.shape)}")
+        if owners.ndim != 1 or owners.shape[0] != bank.shape[0] or owners.dtype not in INT_DTYPES:
+            raise TensorLayoutError("owners", f"must be 1-D integers, one per bank row ({bank.shape[0]}), "
+                                              f"got {owners.dtype} {tuple(owners.shape)}")
+        if int(owners.min()) < 0:
+            raise TensorLayoutError("owners", "holds negative owners")
+        return {"bank", "owners"}
 
     def tensors(self) -> dict[str, torch.Tensor]:
         bank = self._require_bank()

@@ -10,7 +10,7 @@ file in experts/ and one line here.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -24,7 +24,11 @@ from astfad.experts.texture import TextureExpert
 
 
 class Expert(Protocol):
-    """What the detector needs of an expert."""
+    """What the detector needs of an expert; `check_tensors` validates a saved `tensors()` dict
+    (keys without the expert's prefix) and returns the keys it accepts (TensorLayoutError else)."""
+
+    @classmethod
+    def check_tensors(cls, tensors: Mapping[str, torch.Tensor]) -> set[str]: ...
 
     def fit(self, feats: torch.Tensor, owners: torch.Tensor) -> None: ...
     def distances(self, feats: torch.Tensor, exclude: Exclusions = None) -> torch.Tensor: ...
@@ -37,20 +41,21 @@ class Expert(Protocol):
 class ExpertSpec:
     name: str
     family: str  # the backbone family it reads: "texture" (CNN) or "semantic" (ViT)
+    kind: type[Expert]  # its class: `kind.check_tensors` validates what a model file holds for it
     build: Callable[[Any, int], Expert]  # (DetectorConfig, feature blocks) -> an unfitted expert
     on_references: bool = False  # fitted on the shots and their rotations, not the shots alone
     trained: bool = False  # trained on view pairs; validated and thresholded with held-out copies
 
 
 REGISTRY: dict[str, ExpertSpec] = {spec.name: spec for spec in (
-    ExpertSpec("texture", "texture",
+    ExpertSpec("texture", "texture", TextureExpert,
                lambda c, blocks: TextureExpert(c.coreset_budget, c.coreset_projection_dim, c.seed)),
-    ExpertSpec("semantic", "semantic",
+    ExpertSpec("semantic", "semantic", SemanticExpert,
                lambda c, blocks: SemanticExpert(c.mask_background, c.seed), on_references=True),
-    ExpertSpec("semantic_adapter", "semantic",
+    ExpertSpec("semantic_adapter", "semantic", AdaptedSemanticExpert,
                lambda c, blocks: AdaptedSemanticExpert(None, c.mask_background, c.seed),
                on_references=True, trained=True),
-    ExpertSpec("subspace", "semantic",
+    ExpertSpec("subspace", "semantic", SubspaceExpert,
                lambda c, blocks: SubspaceExpert(c.subspace_variance, blocks=blocks), on_references=True),
 )}
 

@@ -3,11 +3,11 @@ patches (AnomalyDINO), with optional PCA background masking of test images."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 
-from astfad.experts.base import KNNExpert, flatten_patches
+from astfad.experts.base import KNNExpert, TensorLayoutError, flatten_patches, require_float
 
 
 class SemanticExpert(KNNExpert):
@@ -49,6 +49,17 @@ class SemanticExpert(KNNExpert):
         if self.mask_background and self.pca_direction is not None:
             dist = dist * self.foreground(feats)
         return dist
+
+    @classmethod
+    def check_tensors(cls, tensors: Mapping[str, torch.Tensor]) -> set[str]:
+        """The bank's keys, and the background PCA pair of (D,) vectors when saved."""
+        keys = super().check_tensors(tensors)
+        pca = [k for k in ("pca_mean", "pca_direction") if k in tensors]
+        if len(pca) == 1:
+            raise TensorLayoutError(pca[0], "comes without its PCA partner")
+        for key in pca:
+            require_float(tensors, key, (tensors["bank"].shape[1],))
+        return keys | set(pca)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         out = super().tensors()

@@ -13,9 +13,11 @@ owner o's part, no refitting on data.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 
-from astfad.experts.base import Exclusions, flatten_patches
+from astfad.experts.base import Exclusions, TensorLayoutError, flatten_patches, require_float
 
 DEFAULT_VARIANCE = 0.99
 MIN_COMPONENTS = 8
@@ -111,6 +113,16 @@ class SubspaceExpert:
                 else:
                     out[i, rows] = self._residual(x[i, rows], *self._projector_without(o))
         return out.float().reshape(b, h, w)
+
+    @classmethod
+    def check_tensors(cls, tensors: Mapping[str, torch.Tensor]) -> set[str]:
+        """No bank: a mean of D values and a (D, D) residual projector."""
+        mean = tensors.get("mean")
+        if mean is None or mean.ndim != 1:
+            raise TensorLayoutError("mean", "must be a 1-D float tensor (the normal tokens' mean)")
+        require_float(tensors, "mean", (mean.shape[0],))
+        require_float(tensors, "projector", (mean.shape[0],) * 2)
+        return {"mean", "projector"}
 
     def tensors(self) -> dict[str, torch.Tensor]:
         if self.mean is None:

@@ -350,15 +350,12 @@ def _predict_zero_shot(specs: list[str], out: Path, force: bool, batch_size: int
     one before), each scored against itself; every unusable input is a row with its error."""
     from astfad.data.images import ImageLoadError, load_image, scan_images
     from astfad.detector import Detector
-    from astfad.experts.mutual import MIN_BATCH
+    from astfad.experts.mutual import MIN_BATCH, split_batches
     from astfad.pipeline import PredictionItem, PredictionOutputs, overlay_scale
 
     entries = scan_images(specs)
     size = max(batch_size, MIN_BATCH)
-    good = [path for path, problem in entries if problem is None]
-    batches = [good[i:i + size] for i in range(0, len(good), size)]
-    if len(batches) > 1 and len(batches[-1]) < MIN_BATCH:
-        batches[-2:] = [batches[-2] + batches[-1]]
+    batches = split_batches([path for path, problem in entries if problem is None], size)
     det, failed, scored = Detector("semantic"), 0, 0
     with PredictionOutputs(out, (0.0, 1.0), force=force, sync_every=size) as outputs:
         for path, problem in entries:
@@ -504,11 +501,12 @@ def _run_benchmark(spec, executor=None) -> Path:
 @click.option("--data", type=click.Path(path_type=Path), required=True, help="Dataset root.")
 @click.option("--layout", type=click.Choice(["auto", "mvtec", "visa", "folder"]), default="auto")
 @click.option("--categories", multiple=True, help="Only these categories (repeatable).")
-@click.option("--shots", multiple=True, default=("1", "4"), show_default=True, help="Shot counts, e.g. 1,2,4,8.")
+@click.option("--shots", multiple=True, default=("1", "4"), show_default=True,
+              help="Shot counts, e.g. 1,2,4,8 (0: strategy zero_shot alone).")
 @click.option("--seeds", multiple=True, default=("0",), show_default=True, help="Seeds, e.g. 0,1,2.")
 @click.option("--strategies", multiple=True, default=None,
               help="Strategies to evaluate (repeatable; default: every fixed one and auto; "
-                   "'preset' applies --pinned).")
+                   "'preset' applies --pinned; 'zero_shot' runs at shot count 0 and needs no normal image).")
 @click.option("--pinned", default=None, help="Strategy map: a YAML/JSON file or a preset ('paper').")
 @click.option("--sampling", type=click.Choice(["random", "slice"]), default="random", show_default=True)
 @click.option("--set", "settings", multiple=True, metavar="KEY=VALUE", help="Detector setting (repeatable).")
@@ -526,7 +524,7 @@ def benchmark(data: Path, layout: str, categories: tuple[str, ...], shots: tuple
     from astfad.benchmark import FIXED_STRATEGIES, BenchmarkSpec
 
     spec = BenchmarkSpec(data=data, out=out, layout=layout, categories=_split(categories) or None,
-                         shots=_ints(shots, "--shots", minimum=1), seeds=_ints(seeds, "--seeds"),
+                         shots=_ints(shots, "--shots"), seeds=_ints(seeds, "--seeds"),
                          strategies=_split(strategies) or (*FIXED_STRATEGIES, "auto"),
                          sampling=sampling, pinned=pinned, config=_parse_settings(settings))
     executor = None

@@ -33,7 +33,7 @@ from astfad.data.synthetic import ANOMALY_KINDS, random_anomaly
 from astfad.data.views import Source, normal_view, rotate, view_to_source
 from astfad.experts.base import Exclusions, flatten_patches
 from astfad.experts.mutual import DEFAULT_FRACTION as MUTUAL_FRACTION
-from astfad.experts.mutual import MIN_BATCH, mutual_distances
+from astfad.experts.mutual import MIN_BATCH, score_batch
 from astfad.experts.registry import REGISTRY, Expert, ExpertSpec
 from astfad.features import FeatureCache, Featurizer, resolve_device, semantic_reader, texture_reader
 from astfad.fusion import Normaliser, fuse
@@ -41,7 +41,7 @@ from astfad.modelfile import ModelFileError, read_model_file, write_model_file
 from astfad.scoring import image_scores, mask_to_grid, to_eval_grid, to_image_size
 from astfad.selection import (CANDIDATES, DEFAULT_STRATEGY, MAX_ANOMALOUS_IMAGES, MIN_ANOMALOUS_IMAGES, Evidence,
                               SelectionReport, choose_strategy, labels_to_grid, synthetic_anomalies)
-from astfad.thresholds import ScoreModel, TailModel, ThresholdModel
+from astfad.thresholds import ThresholdModel
 
 FORMAT_VERSION = 2  # 2: threshold models, target false-positive rates
 ROTATION_ANGLES = tuple(range(0, 360, 45))
@@ -526,17 +526,11 @@ class Detector:
         cfg = self.config
         self.aspect = cfg.aspect_ratio or statistics.median(a.shape[1] / a.shape[0] for a in arrays)
         self.strategy, self.shots = "zero_shot", []
-        maps = to_eval_grid(mutual_distances(self.features("semantic", arrays), fraction), self.eval_grid(),
-                            cfg.blur_sigma)
-        scores = image_scores(maps, "max" if cfg.image_score == "max" else "top1")
-        robust = ScoreModel.fit_robust(scores)
-        self.threshold = cfg.threshold if cfg.threshold is not None else robust.threshold(cfg.target_fpr)
-        typical = maps[scores <= torch.quantile(scores, 0.5)]  # the batch's more normal half
-        self.pixel_threshold = cfg.pixel_threshold if cfg.pixel_threshold is not None else \
-            TailModel.fit(typical.flatten().numpy(), cfg.seed).threshold(cfg.pixel_target_fpr)
-        self.normalisers = {"applied": Normaliser.fit(typical, "robust")}
+        batch = score_batch(self.features("semantic", arrays), self.eval_grid(), cfg, fraction)
+        self.threshold, self.pixel_threshold = batch.threshold, batch.pixel_threshold
+        self.normalisers = {"applied": Normaliser.fit(batch.typical, "robust")}
         return [self.prediction(m, s, a.shape[:2], str(x) if isinstance(x, (str, os.PathLike)) else None)
-                for m, s, a, x in zip(maps, scores, arrays, as_list(images))]
+                for m, s, a, x in zip(batch.maps, batch.scores, arrays, as_list(images))]
 
     def predict(self, images: Sequence[ImageInput], batch_size: int = 16) -> list[Prediction]:
         """Score images; ImageLoadError (naming the file) for an unreadable one. For many files,

@@ -29,7 +29,6 @@ from astfad.benchmark import category_aspect, load_test_set
 from astfad.data.datasets import sample_shots, scan_dataset
 from astfad.detector import Detector
 from astfad.experts.mutual import mutual_distances, split_batches
-from astfad.metrics import evaluate
 from astfad.scoring import image_scores, to_eval_grid
 
 BATCH = 32

@@ -231,3 +231,12 @@ def test_adapter_trains_with_pasted_anomalies_from_both_groups(fake_backbones, p
     negatives, owners = det._negatives(normal, "semantic")
     assert len(negatives) == len(owners) > 0
     assert set(owner_group(owners, False).tolist()) == {0, 1}  # each held-out copy keeps the other's
+
+
+def test_reference_rotations_follow_the_frame():
+    from astfad.detector import reference_angles
+
+    assert reference_angles(1, 0.75, None) == tuple(range(45, 360, 45))  # a 4:3 frame turns fully
+    assert reference_angles(4, 1.5, None) == tuple(range(45, 360, 45))
+    assert reference_angles(1, 2.46, None) == (180.0,)  # a quarter turn of 2.5:1 is mostly fill
+    assert reference_angles(8, 1.0, None) == () and reference_angles(1, 1.0, False) == ()

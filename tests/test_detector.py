@@ -240,3 +240,16 @@ def test_reference_rotations_follow_the_frame():
     assert reference_angles(4, 1.5, None) == tuple(range(45, 360, 45))
     assert reference_angles(1, 2.46, None) == (180.0,)  # a quarter turn of 2.5:1 is mostly fill
     assert reference_angles(8, 1.0, None) == () and reference_angles(1, 1.0, False) == ()
+
+
+def test_batch_evidence_never_raises_a_score_and_keeps_rare_defects_first(fake_backbones, parts):
+    det = Detector("fusion_add", **FAST).fit(parts["train"][:1])
+    batch = parts["train"][1:] + parts["test"][:4] + parts["test"][4:6]  # 11 normal parts, 2 defective
+    labels = [0] * 11 + [1] * 2
+    plain = [p.score for p in det.predict(batch)]
+    with_batch = det.predict(batch, batch_size=8, batch_evidence=True)  # 8 + 5: the short batch joins
+    assert all(b.score <= score + 1e-6 for b, score in zip(with_batch, plain))
+    assert sum(b.score < score - 1e-6 for b, score in zip(with_batch, plain)) >= 6  # the batch explains variation
+    assert image_auroc(labels, [p.score for p in with_batch]) == 1.0
+    with pytest.raises(ValueError, match="at least 8 images"):
+        det.predict(batch[:5], batch_evidence=True)

@@ -33,7 +33,7 @@ from astfad.data.synthetic import ANOMALY_KINDS, random_anomaly
 from astfad.data.views import Source, normal_view, rotate, view_to_source
 from astfad.experts.base import Exclusions, flatten_patches
 from astfad.experts.mutual import DEFAULT_FRACTION as MUTUAL_FRACTION
-from astfad.experts.mutual import MIN_BATCH, score_batch
+from astfad.experts.mutual import MIN_BATCH, mutual_distances, score_batch, split_batches
 from astfad.experts.registry import REGISTRY, Expert, ExpertSpec
 from astfad.features import FeatureCache, Featurizer, resolve_device, semantic_reader, texture_reader
 from astfad.fusion import Normaliser, fuse
@@ -455,14 +455,21 @@ class Detector:
 
     # ---------------------------------------------------------------- scoring
     def expert_maps(self, feats: dict[str, torch.Tensor], exclude: dict[str, Exclusions] | None = None,
-                    experts: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
+                    experts: Sequence[str] | None = None, batch_evidence: bool = False) -> dict[str, torch.Tensor]:
         """Each fitted expert's smoothed map on the evaluation grid, (B, H, W); `exclude` gives,
-        per feature family, the owner each image (or patch) must not be matched against."""
+        per feature family, the owner each image (or patch) must not be matched against. With
+        `batch_evidence`, an expert that searches the raw family features by cosine takes, per
+        patch, the smaller of its distance and the batch's mutual score (experts/mutual.py): a
+        variation most other parts of the batch share is not an anomaly even if no shot shows it."""
         grid, sigma = self.eval_grid(), self.config.blur_sigma
-        out = {}
+        out, mutual = {}, {}
         for name in experts or self.experts:
             family = family_of(name)
             raw = self.experts[name].distances(feats[family], (exclude or {}).get(family))
+            if batch_evidence and REGISTRY[name].batch_evidence:
+                if family not in mutual:
+                    mutual[family] = mutual_distances(feats[family])
+                raw = torch.minimum(raw, mutual[family])
             out[name] = to_eval_grid(raw, grid, sigma)
         return out
 
@@ -499,14 +506,16 @@ class Detector:
         """Backbone features of test images for the families a strategy (or 'all') needs."""
         return {f: self.features(f, arrays, keys) for f in self.families(strategy)}
 
-    def score_arrays(self, arrays: Sequence[np.ndarray], keys: Sequence[str | None] | None = None
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    def score_arrays(self, arrays: Sequence[np.ndarray], keys: Sequence[str | None] | None = None,
+                     batch_evidence: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """The applied strategy's (B, H, W) maps on the evaluation grid and (B,) image scores of
-        decoded images: one backbone pass per family for the whole batch."""
+        decoded images: one backbone pass per family for the whole batch (see `expert_maps` for
+        `batch_evidence`, which needs at least MIN_BATCH images)."""
         if self.strategy is None:
             raise RuntimeError("the detector is not fitted; call fit() or Detector.load()")
         feats = self.extract(arrays, keys)
-        maps = self.combine(self.strategy, self.expert_maps(feats, experts=experts_of(self.strategy)))
+        maps = self.combine(self.strategy, self.expert_maps(feats, experts=experts_of(self.strategy),
+                                                            batch_evidence=batch_evidence))
         return maps, self.scores(self.strategy, maps, feats.get("texture"))
 
     def prediction(self, eval_map: torch.Tensor, score: torch.Tensor | float, size: tuple[int, int],
@@ -534,15 +543,21 @@ class Detector:
         return [self.prediction(m, s, a.shape[:2], str(x) if isinstance(x, (str, os.PathLike)) else None)
                 for m, s, a, x in zip(batch.maps, batch.scores, arrays, as_list(images))]
 
-    def predict(self, images: Sequence[ImageInput], batch_size: int = 16) -> list[Prediction]:
+    def predict(self, images: Sequence[ImageInput], batch_size: int = 16,
+                batch_evidence: bool = False) -> list[Prediction]:
         """Score images; ImageLoadError (naming the file) for an unreadable one. For many files,
-        `astfad.pipeline.iter_predictions` streams instead and reports bad inputs one by one."""
+        `astfad.pipeline.iter_predictions` streams instead and reports bad inputs one by one.
+        `batch_evidence` adds the mutual evidence of each batch (at least MIN_BATCH images; a short
+        last batch joins the one before) to the few-shot semantic distances: for batches of parts
+        in which defects are rare; the thresholds stay those fitted on the normal shots."""
         images = as_list(images)
+        if batch_evidence and len(images) < MIN_BATCH:
+            raise ValueError(f"batch evidence needs at least {MIN_BATCH} images, got {len(images)}")
         out: list[Prediction] = []
-        for start in range(0, len(images), batch_size):
-            chunk = list(images[start:start + batch_size])
+        for chunk in split_batches(images, batch_size) if batch_evidence else \
+                [images[i:i + batch_size] for i in range(0, len(images), batch_size)]:
             arrays, _ = self.load_images(chunk)
-            maps, scores = self.score_arrays(arrays)  # no keys: test images are not cached
+            maps, scores = self.score_arrays(arrays, batch_evidence=batch_evidence)  # test images are not cached
             out += [self.prediction(m, s, a.shape[:2], str(x) if isinstance(x, (str, os.PathLike)) else None)
                     for x, a, m, s in zip(chunk, arrays, maps, scores)]
         return out

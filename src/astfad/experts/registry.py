@@ -45,13 +45,17 @@ class ExpertSpec:
     build: Callable[[Any, int], Expert]  # (DetectorConfig, feature blocks) -> an unfitted expert
     on_references: bool = False  # fitted on the shots and their rotations, not the shots alone
     trained: bool = False  # trained on view pairs; validated and thresholded with held-out copies
+    # its distances are cosine distances of the raw family features, on the scale of the batch's
+    # mutual scores (experts/mutual.py), which `batch_evidence` may therefore take in
+    batch_evidence: bool = False
 
 
 REGISTRY: dict[str, ExpertSpec] = {spec.name: spec for spec in (
     ExpertSpec("texture", "texture", TextureExpert,
                lambda c, blocks: TextureExpert(c.coreset_budget, c.coreset_projection_dim, c.seed)),
     ExpertSpec("semantic", "semantic", SemanticExpert,
-               lambda c, blocks: SemanticExpert(c.mask_background, c.seed), on_references=True),
+               lambda c, blocks: SemanticExpert(c.mask_background, c.seed), on_references=True,
+               batch_evidence=True),
     ExpertSpec("semantic_adapter", "semantic", AdaptedSemanticExpert,
                lambda c, blocks: AdaptedSemanticExpert(None, c.mask_background, c.seed),
                on_references=True, trained=True),

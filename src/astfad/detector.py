@@ -390,8 +390,8 @@ class Detector:
                                       anomalous.numpy())
         notes = [f"{name} validated with copies that never saw the validated shot (or, with one shot, "
                  "quadrant)" for name in held_out]
-        notes += [f"{name} not validated: not in auto_experts ({', '.join(cfg.auto_experts)}); the adapter "
-                  "is left out by default because it lost to semantic on the development categories"
+        notes += [f"{name} not validated: not in auto_experts ({', '.join(cfg.auto_experts)}); by default the "
+                  "adapter and subspace are left out, as they lost to semantic on the development categories"
                   for name in REGISTRY if name not in cfg.auto_experts]
         validation = {"normal": len(normal.images), "anomalous": len(images), "kinds": kinds,
                       "single_shot_regions": len(self.shots) == 1}

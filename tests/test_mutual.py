@@ -94,3 +94,33 @@ def test_batches_keep_at_least_eight_images():
     assert [len(b) for b in split_batches(range(20), 4)] == [8, 12]  # no batch under 8
     assert split_batches(list("abcde"), 32) == [list("abcde")]  # alone: the scorer refuses it by name
     assert sum(split_batches(list(range(50)), 16), []) == list(range(50))
+
+
+def test_predict_command_batch_evidence_scores_with_a_model(fake_backbones, tmp_path):
+    import csv
+
+    from click.testing import CliRunner
+    from conftest import make_part
+    from PIL import Image
+
+    from astfad.cli import main
+    from astfad.detector import Detector
+
+    rng = np.random.default_rng(5)
+    model = Detector("semantic", semantic_size=112, eval_size=112).fit([make_part(rng)[0]]).save(tmp_path / "m.safetensors")
+    folder = tmp_path / "batch"
+    folder.mkdir()
+    for i in range(10):
+        Image.fromarray(make_part(rng, defect=i == 6)[0]).save(folder / f"part_{i}.png")
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["predict", str(model), str(folder), "--batch-evidence", "--batch-size", "8",
+                                       "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    rows = {r["file"].rsplit("/", 1)[-1]: r for r in csv.DictReader(open(out / "predictions.csv"))}
+    assert len(rows) == 10 and not any(r["error"] for r in rows.values())
+    scores = {name: float(r["score"]) for name, r in rows.items()}
+    assert max(scores, key=scores.get) == "part_6.png"
+    plain = CliRunner().invoke(main, ["predict", str(model), str(folder), "--out", str(tmp_path / "plain")])
+    assert plain.exit_code == 0, plain.output
+    before = {r["file"].rsplit("/", 1)[-1]: float(r["score"]) for r in csv.DictReader(open(tmp_path / "plain" / "predictions.csv"))}
+    assert all(scores[name] <= before[name] + 1e-6 for name in scores)

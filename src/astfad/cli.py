@@ -251,6 +251,10 @@ def select(train: tuple[str, ...], shots: int | None, seed: int, sampling: str, 
 @click.option("--zero-shot", is_flag=True,
               help="No model: MODEL and IMAGES are all images, scored in batches (>= 8) against each "
                    "other; thresholds come from each batch (verdict = unusual within its batch).")
+@click.option("--batch-evidence", is_flag=True,
+              help="Also score each image against the other images of its batch (>= 8, MuSc-style) and "
+                   "keep the smaller distance: for batches of parts in which defects are rare. Thresholds "
+                   "stay the model's.")
 @click.option("--force", is_flag=True,
               help="Start over: first remove what an earlier run wrote in --out (predictions.csv, "
                    "the pictures in overlays/ and masks/).")
@@ -271,8 +275,8 @@ def select(train: tuple[str, ...], shots: int | None, seed: int, sampling: str, 
 @click.option("--workers", type=click.IntRange(min=1), default=None,
               help="Ray workers (default: one per CPU of the cluster).")
 @_with_weights_options
-def predict(model: Path, images: tuple[str, ...], out: Path, zero_shot: bool, force: bool, resume: bool,
-            max_pixels: int | None,
+def predict(model: Path, images: tuple[str, ...], out: Path, zero_shot: bool, batch_evidence: bool, force: bool,
+            resume: bool, max_pixels: int | None,
             downscale: bool, batch_size: int, use_ray: bool, ray_address: str | None, workers: int | None,
             texture_weights: str | None, semantic_weights: str | None) -> None:
     """Score images: predictions.csv (one row per input, bad ones with their error), heat-map
@@ -286,14 +290,19 @@ def predict(model: Path, images: tuple[str, ...], out: Path, zero_shot: bool, fo
         raise click.UsageError("--force and --resume exclude each other")
     max_pixels = max_pixels or DEFAULT_MAX_PIXELS
     _check_out_folder(out)
+    if (zero_shot or batch_evidence) and (resume or use_ray or ray_address):
+        raise click.UsageError("--zero-shot and --batch-evidence score whole batches here: no --resume or --ray")
     if zero_shot:
-        if resume or use_ray or ray_address:
-            raise click.UsageError("--zero-shot scores whole batches here: no --resume or --ray")
-        _predict_zero_shot([str(model), *images], out, force, batch_size, max_pixels)
+        det = Detector("semantic")
+        _predict_batches(det, det.predict_zero_shot, [str(model), *images], out, force, batch_size, max_pixels)
         return
     if not images:
         raise click.UsageError("give IMAGES to score (or --zero-shot)")
     det = Detector.load(model, texture_weights=texture_weights, semantic_weights=semantic_weights)
+    if batch_evidence:
+        _predict_batches(det, lambda arrays: det.predict(arrays, len(arrays), batch_evidence=True), list(images),
+                         out, force, batch_size, max_pixels)
+        return
     entries = scan_images(list(images))
     counts = {"anomalous": 0, "normal": 0, "error": 0}
     with PredictionOutputs(out, overlay_scale(det), resume=resume, force=force, sync_every=batch_size) as outputs:
@@ -345,18 +354,19 @@ def predict(model: Path, images: tuple[str, ...], out: Path, zero_shot: bool, fo
         sys.exit(1)
 
 
-def _predict_zero_shot(specs: list[str], out: Path, force: bool, batch_size: int, max_pixels: int) -> None:
-    """`predict --zero-shot`: batches of at least 8 readable images (a short last batch joins the
-    one before), each scored against itself; every unusable input is a row with its error."""
+def _predict_batches(det, score, specs: list[str], out: Path, force: bool, batch_size: int,
+                     max_pixels: int) -> None:
+    """`predict --zero-shot` and `--batch-evidence`: batches of at least 8 readable images (a short
+    last batch joins the one before), each scored as a whole by `score` (decoded images ->
+    Predictions); every unusable input is a row with its error."""
     from astfad.data.images import ImageLoadError, load_image, scan_images
-    from astfad.detector import Detector
     from astfad.experts.mutual import MIN_BATCH, split_batches
     from astfad.pipeline import PredictionItem, PredictionOutputs, overlay_scale
 
     entries = scan_images(specs)
     size = max(batch_size, MIN_BATCH)
     batches = split_batches([path for path, problem in entries if problem is None], size)
-    det, failed, scored = Detector("semantic"), 0, 0
+    failed, scored = 0, 0
     with PredictionOutputs(out, (0.0, 1.0), force=force, sync_every=size) as outputs:
         for path, problem in entries:
             if problem is not None:
@@ -372,16 +382,16 @@ def _predict_zero_shot(specs: list[str], out: Path, force: bool, batch_size: int
                     failed += 1
             if len(decoded) < MIN_BATCH:
                 for path, _ in decoded:
-                    outputs.write(PredictionItem(path, None, None, f"zero-shot needs a batch of at least "
+                    outputs.write(PredictionItem(path, None, None, f"batch scoring needs a batch of at least "
                                                                    f"{MIN_BATCH} readable images"))
                 failed += len(decoded)
                 continue
-            preds = det.predict_zero_shot([image for _, image in decoded])
+            preds = score([image for _, image in decoded])
             outputs.scale = overlay_scale(det)
             for (path, image), pred in zip(decoded, preds):
                 outputs.write(PredictionItem(path, image, pred, None))
             scored += len(decoded)
-    click.echo(f"zero-shot: {scored} image(s) scored in {len(batches)} batch(es), {failed} failed -> {outputs.table}")
+    click.echo(f"{scored} image(s) scored in {len(batches)} batch(es), {failed} failed -> {outputs.table}")
     if failed:
         sys.exit(1)
 

@@ -12,6 +12,11 @@ leave-one-category-out choice makes (best mean image AUROC on the other categori
 
 Test features are extracted once per category and kept in --cache (float16), so reruns are cheap.
 
+The development test sets are 60-80% defective, the opposite of a production batch, where the mutual
+evidence's assumption (defects are rare) holds. `--defect-share 0.1` composes the batches like a
+line's: every defective image is scored in a batch of round(0.1 x BATCH) defective images and good
+ones, and every good image in a batch of good ones plus that many defective images.
+
     OMP_NUM_THREADS=1 python benchmarks/batch_evidence.py --data ../shared/data --shots 1 4 \
         --seeds 0 1 2 --cache runs/feature_cache --out runs/batch_evidence.json
 """
@@ -46,7 +51,28 @@ def test_features(det: Detector, tests, cache: Path, name: str) -> torch.Tensor:
     return feats
 
 
-def collect(data: Path, shots: list[int], seeds: list[int], cache: Path) -> list[dict]:
+def batch_mutual(feats: torch.Tensor, labels: np.ndarray, rng: np.random.Generator,
+                 defect_share: float | None) -> torch.Tensor:
+    """(N, h, w) mutual scores of every test image within its batch (see the module doc)."""
+    n = len(labels)
+    mutual = torch.empty(n, *feats.shape[-2:])
+    if defect_share is None:
+        for batch in split_batches(rng.permutation(n).tolist(), BATCH):
+            mutual[batch] = mutual_distances(feats[batch])
+        return mutual
+    good, bad = np.flatnonzero(labels == 0), rng.permutation(np.flatnonzero(labels == 1))
+    k = max(1, round(defect_share * BATCH))
+    for start in range(0, len(bad), k):  # each defective image among good parts
+        scored = bad[start:start + k].tolist()
+        batch = scored + rng.choice(good, min(len(good), BATCH - len(scored)), replace=False).tolist()
+        mutual[scored] = mutual_distances(feats[batch])[:len(scored)]
+    for chunk in np.array_split(rng.permutation(good), max(1, -(-len(good) // (BATCH - k)))):
+        batch = chunk.tolist() + rng.choice(bad, min(len(bad), k), replace=False).tolist()
+        mutual[chunk.tolist()] = mutual_distances(feats[batch])[:len(chunk)]
+    return mutual
+
+
+def collect(data: Path, shots: list[int], seeds: list[int], cache: Path, defect_share: float | None) -> list[dict]:
     rows = []
     for category in scan_dataset(data):
         aspect = category_aspect(category)
@@ -56,10 +82,7 @@ def collect(data: Path, shots: list[int], seeds: list[int], cache: Path) -> list
         feats = test_features(probe, tests, cache, category.name)
         grid, n = probe.eval_grid(), len(tests.labels)
         for seed in seeds:
-            order = np.random.default_rng(seed).permutation(n)
-            mutual = torch.empty(n, *feats.shape[-2:])
-            for batch in split_batches(order.tolist(), BATCH):
-                mutual[batch] = mutual_distances(feats[batch])
+            mutual = batch_mutual(feats, tests.labels, np.random.default_rng(seed), defect_share)
             for k in shots:
                 train = [s.path for s in sample_shots(category.train, k, seed, "random")]
                 det = Detector("semantic", aspect_ratio=aspect, seed=seed).fit(train)
@@ -110,11 +133,13 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--cache", type=Path, default=Path("runs/feature_cache"))
     parser.add_argument("--out", type=Path, default=Path("runs/batch_evidence.json"))
+    parser.add_argument("--defect-share", type=float, default=None,
+                        help="compose batches with this share of defective images (default: random batches)")
     args = parser.parse_args()
     if args.out.exists():
         rows = json.loads(args.out.read_text())
     else:
-        rows = collect(args.data, args.shots, args.seeds, args.cache)
+        rows = collect(args.data, args.shots, args.seeds, args.cache, args.defect_share)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(rows))
     report(rows)

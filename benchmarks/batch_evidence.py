@@ -24,7 +24,6 @@ ones, and every good image in a batch of good ones plus that many defective imag
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +34,7 @@ from astfad.data.datasets import sample_shots, scan_dataset
 from astfad.detector import Detector
 from astfad.experts.mutual import mutual_distances, split_batches
 from astfad.scoring import image_scores, to_eval_grid
+from cached_rows import cached_rows
 
 BATCH = 32
 RULES = ("semantic", "mutual", "min", "mean")
@@ -136,12 +136,7 @@ def main() -> None:
     parser.add_argument("--defect-share", type=float, default=None,
                         help="compose batches with this share of defective images (default: random batches)")
     args = parser.parse_args()
-    if args.out.exists():
-        rows = json.loads(args.out.read_text())
-    else:
-        rows = collect(args.data, args.shots, args.seeds, args.cache, args.defect_share)
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(rows))
+    rows = cached_rows(args.out, lambda: collect(args.data, args.shots, args.seeds, args.cache, args.defect_share))
     report(rows)
 
 

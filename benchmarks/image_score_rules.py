@@ -17,7 +17,6 @@ Rows are cached in --out (JSON): a rerun only re-evaluates.
 from __future__ import annotations
 
 import argparse
-import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -30,6 +29,7 @@ from astfad.data.datasets import sample_shots, scan_dataset
 from astfad.detector import Detector
 from astfad.metrics import evaluate
 from astfad.scoring import image_scores
+from cached_rows import cached_rows
 
 PEAK_WINDOW = 9  # eval-grid pixels: peaks closer than this are one region
 
@@ -126,12 +126,7 @@ def main() -> None:
     parser.add_argument("--strategy", default="semantic")
     parser.add_argument("--out", type=Path, default=Path("runs/image_rules.json"))
     args = parser.parse_args()
-    if args.out.exists():
-        rows = json.loads(args.out.read_text())
-    else:
-        rows = collect(args.data, args.shots, args.seeds, args.strategy)
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(rows))
+    rows = cached_rows(args.out, lambda: collect(args.data, args.shots, args.seeds, args.strategy))
     report(rows)
 
 

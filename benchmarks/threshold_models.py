@@ -15,7 +15,6 @@ Nothing here is tuned on the category a figure is reported for.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import numpy as np
@@ -23,10 +22,10 @@ import torch
 from scipy import stats
 
 from astfad.benchmark import category_aspect
-from astfad.config import experts_of
 from astfad.data.datasets import sample_shots, scan_dataset
 from astfad.data.images import load_image
 from astfad.detector import Detector
+from cached_rows import cached_rows
 
 STRATEGIES = ("texture", "semantic", "fusion_add", "fusion_max")
 
@@ -153,12 +152,7 @@ def main() -> None:
                         help="how far above the target a model's mean FPR may be to be chosen (default 0.02)")
     parser.add_argument("--out", type=Path, default=Path("runs/thresholds.json"))
     args = parser.parse_args()
-    if args.out.exists():
-        rows = json.loads(args.out.read_text())
-    else:
-        rows = collect(args.data, args.shots, args.seeds, args.max_test)
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(rows))
+    rows = cached_rows(args.out, lambda: collect(args.data, args.shots, args.seeds, args.max_test))
     evaluate(rows, args.fpr, args.tolerance)
 
 

@@ -9,12 +9,18 @@ def test_untrained_adapter_is_identity():
     assert torch.equal(Adapter(16, 4)(x), x)
 
 
-def test_training_is_seeded_and_does_not_collapse():
-    g = torch.Generator().manual_seed(0)
+def _clustered_pairs(g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Six normal modes: their centres, 3000 noisy normal features and a slightly moved view of each."""
     centres = torch.randn(6, 32, generator=g)
     anchors = torch.nn.functional.normalize(centres[torch.randint(0, 6, (3000,), generator=g)]
                                             + 0.3 * torch.randn(3000, 32, generator=g), dim=1)
     positives = torch.nn.functional.normalize(anchors + 0.05 * torch.randn(3000, 32, generator=g), dim=1)
+    return centres, anchors, positives
+
+
+def test_training_is_seeded_and_does_not_collapse():
+    g = torch.Generator().manual_seed(0)
+    centres, anchors, positives = _clustered_pairs(g)
     adapter, stats = train_adapter(anchors, positives, hidden=16, steps=80, seed=0)
     again, _ = train_adapter(anchors, positives, hidden=16, steps=80, seed=0)
     assert torch.equal(adapter.down.weight, again.down.weight)
@@ -50,10 +56,7 @@ def _nearest_distance(queries: torch.Tensor, bank: torch.Tensor) -> torch.Tensor
 
 def test_separation_keeps_pasted_anomalies_apart_without_collapse():
     g = torch.Generator().manual_seed(1)
-    centres = torch.randn(6, 32, generator=g)
-    anchors = torch.nn.functional.normalize(centres[torch.randint(0, 6, (3000,), generator=g)]
-                                            + 0.3 * torch.randn(3000, 32, generator=g), dim=1)
-    positives = torch.nn.functional.normalize(anchors + 0.05 * torch.randn(3000, 32, generator=g), dim=1)
+    centres, anchors, positives = _clustered_pairs(g)
     # anomalous patches: halfway between two normal modes, close to normal at the input
     pairs = torch.randint(0, 6, (400, 2), generator=g)
     negatives = torch.nn.functional.normalize(centres[pairs[:, 0]] + centres[pairs[:, 1]]

@@ -694,3 +694,12 @@ def test_each_expert_checks_the_layout_of_its_saved_tensors():
         SubspaceExpert.check_tensors({"mean": torch.zeros(4), "projector": torch.zeros(4, 3)})
     with pytest.raises(TensorLayoutError, match="pca_mean comes without its PCA partner"):
         SemanticExpert.check_tensors({**bank, "pca_mean": torch.zeros(4)})
+
+
+def test_a_key_with_a_newline_still_gives_a_one_line_error(model, tmp_path):
+    meta, tensors = read_raw(model)
+    meta["threshold_models"]["semantic"]["\n"] = None
+    path = write_raw(tmp_path / "bad.safetensors", meta, tensors)
+    with pytest.raises(ModelFileError) as info:
+        Detector.load(path)
+    assert "bad.safetensors" in str(info.value) and "\n" not in str(info.value) and "\\n" in str(info.value)

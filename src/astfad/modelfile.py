@@ -112,6 +112,10 @@ def read_model_file(path: str | Path, format_version: int) -> tuple[dict[str, An
 # ------------------------------------------------------------------------------------ validation
 
 
+def _printable(text: str) -> str:
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 class _Checker:
     """Checks of one file's fields; each failure is a ModelFileError naming file and field."""
 
@@ -119,7 +123,8 @@ class _Checker:
         self.path = path
 
     def fail(self, field: str, problem: str) -> typing.NoReturn:
-        raise ModelFileError(f"'{self.path}': field '{field}' {problem}")
+        """One line, whatever the file holds: control characters of keys and values are escaped."""
+        raise ModelFileError(_printable(f"'{self.path}': field '{field}' {problem}"))
 
     def get(self, meta: Mapping[str, Any], field: str, kind: type | tuple[type, ...],
             optional: bool = False) -> Any:

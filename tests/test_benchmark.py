@@ -18,7 +18,8 @@ from astfad.cli import main
 from astfad.data.datasets import sample_shots, scan_dataset
 from astfad.data.synthetic import generate_synthetic_dataset
 from astfad.metrics import VERDICT_KEYS, verdict_metrics
-from astfad.report import VERDICT_COLUMNS, read_failures, read_results
+from astfad.report import VERDICT_COLUMNS, read_failures, read_results, read_selections
+from astfad.selection import choose_strategy
 
 FAST = {"semantic_size": 112, "texture_size": 112, "eval_size": 112, "adapter_steps": 10}
 FAST_ARGS = [x for k, v in FAST.items() for x in ("--set", f"{k}={v}")]
@@ -130,6 +131,12 @@ def test_run_records_verdicts_identity_and_redraws_damaged_panels(fake_backbones
             assert all(math.isfinite(row[c]) for c in VERDICT_COLUMNS), row
     summary = (out / "summary.md").read_text()
     assert "## Verdicts at the fitted thresholds" in summary and "Failed cells" not in summary
+    # every auto cell's validation is recorded, and replaying the rule on it gives auto's choice
+    selections = read_selections(out / "selection.csv")
+    applied = {(r["category"], r["shots"], r["seed"]): r["applied_strategy"] for r in rows if r["strategy"] == "auto"}
+    assert {(s["category"], s["shots"], s["seed"]): s["choice"] for s in selections} == applied
+    for record in selections:
+        assert choose_strategy(record["terms"], seed=record["seed"]).choice == record["choice"]
 
     identity = json.loads((out / "run.json").read_text())
     assert identity["backbones"] == {"semantic": "fake_vit@test", "texture": "fake_cnn@test"}
@@ -146,6 +153,7 @@ def test_run_records_verdicts_identity_and_redraws_damaged_panels(fake_backbones
     assert "12 already finished, 0 to run" in result.output
     assert {n: (panels / n).read_bytes() for n in names} == original  # redrawn, identical
     same(read_results(out / "results.csv"), rows)  # no row twice
+    assert len(read_selections(out / "selection.csv")) == len(selections)
 
     monkeypatch.setattr("astfad.benchmark.__version__", "0.0.0-other")
     result = runner.invoke(main, bench_args(dataset, out))

@@ -5,7 +5,8 @@ import pytest
 
 from astfad.data.synthetic import ANOMALY_KINDS
 from astfad.selection import (PAPER_PRESET, Evidence, SelectionReport, choose_strategy, load_pinned,
-                              pixel_fractions, pinned_strategy, synthetic_anomalies)
+                              pixel_fractions, pinned_strategy, synthetic_anomalies,
+                              validation_terms)
 
 
 def test_paper_preset_reproduces_the_seed_table():
@@ -78,13 +79,13 @@ def test_default_kept_unless_beaten_beyond_noise():
     masks = np.zeros((24, 16, 16), bool)
     masks[:, 4:8, 4:8] = True
     same = {"semantic": _evidence(rng, 1.0), "texture": _evidence(rng, 1.05)}
-    report = choose_strategy(same, masks, "semantic")
+    report = choose_strategy(validation_terms(same, masks), "semantic")
     assert report.choice == "semantic" and "no candidate beats it" in report.reason
     better = {"semantic": _evidence(rng, 1.0), "texture": _evidence(rng, 4.0)}
-    report = choose_strategy(better, masks, "semantic")
+    report = choose_strategy(validation_terms(better, masks), "semantic")
     assert report.choice == "texture" and report.scores["texture"]["gain_low"] > 0
     with pytest.raises(ValueError, match="default"):
-        choose_strategy({"texture": better["texture"]}, masks, "semantic")
+        choose_strategy(validation_terms({"texture": better["texture"]}, masks), "semantic")
 
 
 def test_many_equal_challengers_rarely_switch_on_noise():
@@ -98,7 +99,8 @@ def test_many_equal_challengers_rarely_switch_on_noise():
     switches = 0
     for trial in range(40):
         rng = np.random.default_rng(100 + trial)
-        report = choose_strategy({n: _evidence(rng, 1.0, normal=8) for n in names}, masks, "semantic", seed=trial)
+        report = choose_strategy(validation_terms({n: _evidence(rng, 1.0, normal=8) for n in names}, masks),
+                                 "semantic", seed=trial)
         switches += report.choice != "semantic"
     assert switches <= 4
 

@@ -49,7 +49,7 @@ from astfad.detector import Detector, family_of, image_key
 from astfad.experts.mutual import score_batch, split_batches
 from astfad.features import FeatureCache
 from astfad.metrics import evaluate, verdict_metrics
-from astfad.report import (RESULT_COLUMNS, append_failure, append_row, check_appendable, plot_results,
+from astfad.report import (RESULT_COLUMNS, append_failure, append_row, append_selection, check_appendable, plot_results,
                            read_failures, read_results, write_summary)
 from astfad.scoring import mask_to_grid
 from astfad.selection import CANDIDATES, load_pinned, pinned_strategy
@@ -59,6 +59,7 @@ FIXED_STRATEGIES = CANDIDATES  # every registered expert alone and the fusions a
 PANEL_EXPERTS = SINGLE_STRATEGIES
 EXTRACT_CHUNK = 16
 PANEL_MANIFEST = "panels.json"
+SELECTION_FILE = "selection.csv"  # auto's validation terms per cell, to replay selection rules
 ZERO_SHOT = "zero_shot"
 # Test images per zero-shot batch (MuSc scores a whole test set at once). Mutual scoring costs
 # grow with the batch: 0.18 s per image at 32, 0.38 s at 64 (one thread, 32x32 tokens of 384
@@ -278,6 +279,7 @@ class CellResult:
     seed: int
     rows: list[dict[str, Any]] = field(default_factory=list)
     panels: dict[str, bytes] | None = None
+    selection: dict[str, Any] | None = None  # auto's choice and validation terms (selection.csv)
     error: str | None = None
     detail: str = ""  # a traceback, for benchmark.log
 
@@ -349,15 +351,16 @@ def run_cell(data: CategoryData, cell: Cell) -> CellResult:
     """Fit one detector on the cell's shots and score every strategy of the job; never raises
     for the cell's own failures (they come back as the result's error)."""
     try:
-        rows, panels = _cell_rows(data, cell)
+        rows, panels, selection = _cell_rows(data, cell)
     except Exception as exc:  # a failing cell must not stop the others
         return failed_cell(data.job, cell, f"{type(exc).__name__}: {exc}", traceback.format_exc())
-    return CellResult(data.job.name, cell.shots, cell.seed, rows, panels)
+    return CellResult(data.job.name, cell.shots, cell.seed, rows, panels, selection)
 
 
-def _cell_rows(data: CategoryData, cell: Cell) -> tuple[list[dict[str, Any]], dict[str, bytes] | None]:
+def _cell_rows(data: CategoryData, cell: Cell
+               ) -> tuple[list[dict[str, Any]], dict[str, bytes] | None, dict[str, Any] | None]:
     if cell.shots == 0:
-        return _zero_shot_rows(data, cell), None
+        return _zero_shot_rows(data, cell), None, None
     job, tests = data.job, data.tests
     name = job.name
     strategies = strategies_at(job.strategies, cell.shots)
@@ -392,7 +395,11 @@ def _cell_rows(data: CategoryData, cell: Cell) -> tuple[list[dict[str, Any]], di
                "fit_seconds": fit_seconds, "predict_seconds_per_image": per_image, "shot_files": shot_files}
         rows.append({k: row[k] for k in RESULT_COLUMNS})
     panels = _panels(data, det, expert_maps, feats) if cell.panels else None
-    return rows, panels
+    selection = None
+    if det.selection_terms is not None:
+        selection = {"choice": det.strategy, "terms": {name: {k: v.tolist() for k, v in term.items()}
+                                                       for name, term in det.selection_terms.items()}}
+    return rows, panels, selection
 
 
 def _zero_shot_rows(data: CategoryData, cell: Cell) -> list[dict[str, Any]]:
@@ -618,6 +625,8 @@ class Benchmark:
                         append_row(self.results, row)
                 if result.panels is not None:
                     self._write_panels(result.category, result.panels)
+                if result.selection is not None and "auto" in missing:
+                    append_selection(self.out / SELECTION_FILE, *key, result.selection)
             bar.update(len(missing))
 
         self.executor.run(jobs, self.log, on_result)

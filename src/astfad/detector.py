@@ -40,7 +40,8 @@ from astfad.fusion import Normaliser, fuse
 from astfad.modelfile import ModelFileError, read_model_file, write_model_file
 from astfad.scoring import image_scores, mask_to_grid, to_eval_grid, to_image_size
 from astfad.selection import (CANDIDATES, DEFAULT_STRATEGY, MAX_ANOMALOUS_IMAGES, MIN_ANOMALOUS_IMAGES, Evidence,
-                              SelectionReport, choose_strategy, labels_to_grid, synthetic_anomalies)
+                              SelectionReport, choose_strategy, labels_to_grid, synthetic_anomalies,
+                              validation_terms)
 from astfad.thresholds import ThresholdModel
 
 FORMAT_VERSION = 2  # 2: threshold models, target false-positive rates
@@ -140,6 +141,9 @@ class Detector:
         self.pixel_threshold: float | None = None
         self.threshold_models: dict[str, ThresholdModel] = {}
         self.selection: dict[str, Any] | None = None
+        # auto's validation terms per candidate (selection.validation_terms): kept for a benchmark
+        # to record, not saved in the model file
+        self.selection_terms: dict[str, dict[str, np.ndarray]] | None = None
         self.adapter_stats: dict[str, float] = {}
         self.fit_seconds: float = 0.0
 
@@ -196,6 +200,7 @@ class Detector:
         keys = list(keys) if keys is not None else auto_keys
         cfg = self.config
         self.experts, self.normalisers, self.selection, self.adapter_stats = {}, {}, None, {}
+        self.selection_terms = None
         self.threshold_models = {}
         self.shots = [k if k is not None else f"<array {i}>" for i, k in enumerate(keys)]
         self.aspect = cfg.aspect_ratio or statistics.median(a.shape[1] / a.shape[0] for a in arrays)
@@ -395,7 +400,8 @@ class Detector:
                   for name in REGISTRY if name not in cfg.auto_experts]
         validation = {"normal": len(normal.images), "anomalous": len(images), "kinds": kinds,
                       "single_shot_regions": len(self.shots) == 1}
-        return choose_strategy(evidence, true_masks, DEFAULT_STRATEGY, cfg.seed, notes, validation)
+        self.selection_terms = validation_terms(evidence, true_masks)
+        return choose_strategy(self.selection_terms, DEFAULT_STRATEGY, cfg.seed, notes, validation)
 
     def _move_banks(self) -> None:
         if self.device.type != "cpu":

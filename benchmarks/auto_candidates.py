@@ -4,9 +4,12 @@ A benchmark run with `auto` writes every auto cell's validation terms to selecti
 fixed strategies' rows of the same cells (results.csv of the same or another run over the same
 categories, shots and seeds) give each choice's test figures. For each candidate set, the rule
 (selection.choose_strategy) is replayed on the recorded terms of that set's candidates, and the
-chosen strategy's test image AUROC is read off the fixed rows. Prints, per shot count, every set's
-mean over categories (mean over seeds), the best fixed strategy and the per-category oracle, and the
-leave-one-category-out choice of the set (best mean on the other categories) with its held-out mean.
+chosen strategy's test figures are read off the fixed rows (the same maps and thresholds: `auto`
+with `auto_experts` naming a set's experts makes exactly these choices, the validation of each
+candidate not depending on the others). Prints, per shot count, every set's image AUROC per
+category (mean over seeds) and its mean image / pixel AUROC / AUPRO over categories, the fixed
+strategies and the per-category oracle (by image AUROC), and the leave-one-category-out choice of
+the set (best mean image AUROC on the other categories) with its held-out mean.
 
     python benchmarks/auto_candidates.py --selection runs/real_auto runs/gen_auto \
         --fixed runs/real_fixed runs/gen_fixed
@@ -23,6 +26,8 @@ import numpy as np
 from astfad.report import read_results, read_selections
 from astfad.selection import CANDIDATES, DEFAULT_STRATEGY, choose_strategy
 
+METRICS = ("image_auroc", "pixel_auroc", "aupro")
+
 FUSIONS = tuple(c for c in CANDIDATES if c.startswith("fusion_"))
 CANDIDATE_SETS = {
     "semantic alone": (DEFAULT_STRATEGY,),
@@ -34,12 +39,13 @@ CANDIDATE_SETS = {
 
 
 def replay(selection_dirs: list[Path], fixed_dirs: list[Path]) -> dict:
-    """{(set, category, shots): [image AUROC per seed]} plus the fixed strategies' and the oracle's."""
+    """{(set, category, shots): [(image AUROC, pixel AUROC, AUPRO) per seed]} plus the fixed
+    strategies' and the oracle's."""
     fixed = {}
     for folder in fixed_dirs:
         for r in read_results(folder / "results.csv"):
             if r["strategy"] != "auto":
-                fixed[(r["category"], r["shots"], r["seed"], r["strategy"])] = r["image_auroc"]
+                fixed[(r["category"], r["shots"], r["seed"], r["strategy"])] = tuple(r[m] for m in METRICS)
     out = defaultdict(list)
     for folder in selection_dirs:
         for record in read_selections(folder / "selection.csv"):
@@ -51,7 +57,7 @@ def replay(selection_dirs: list[Path], fixed_dirs: list[Path]) -> dict:
             strategies = {s for (*c, s) in fixed if tuple(c) == cell}
             for s in strategies:
                 out[(f"fixed: {s}", cell[0], cell[1])].append(fixed[(*cell, s)])
-            out[("oracle", cell[0], cell[1])].append(max(fixed[(*cell, s)] for s in strategies))
+            out[("oracle", cell[0], cell[1])].append(max((fixed[(*cell, s)] for s in strategies), key=lambda v: v[0]))
     return out
 
 
@@ -59,14 +65,16 @@ def report(out: dict) -> None:
     for k in sorted({key[2] for key in out}):
         categories = sorted({c for (_, c, shots) in out if shots == k})
         names = sorted({n for (n, _, shots) in out if shots == k})
-        value = {(n, c): 100 * float(np.mean(out[(n, c, k)])) for n in names for c in categories if (n, c, k) in out}
-        names = [n for n in names if all((n, c) in value for c in categories)]
-        print(f"\n{k} shot(s): image AUROC (%, mean over seeds)")
+        figures = {(n, c): 100 * np.mean(out[(n, c, k)], axis=0) for n in names for c in categories if (n, c, k) in out}
+        names = [n for n in names if all((n, c) in figures for c in categories)]
+        value = {key: float(v[0]) for key, v in figures.items()}
+        print(f"\n{k} shot(s): image AUROC per category, mean image / pixel AUROC / AUPRO (%, mean over seeds)")
         print("| candidates | " + " | ".join(categories) + " | mean |")
         print("|---|" + "---|" * (len(categories) + 1))
         for n in sorted(names, key=lambda n: (n.startswith("fixed"), n == "oracle", n)):
-            cells = [value[(n, c)] for c in categories]
-            print(f"| {n} | " + " | ".join(f"{v:.1f}" for v in cells) + f" | {np.mean(cells):.1f} |")
+            mean = np.mean([figures[(n, c)] for c in categories], axis=0)
+            print(f"| {n} | " + " | ".join(f"{value[(n, c)]:.1f}" for c in categories)
+                  + " | " + " / ".join(f"{v:.1f}" for v in mean) + " |")
         sets = [n for n in CANDIDATE_SETS if n in names]
         held = []
         for c in categories:

@@ -50,10 +50,14 @@ def test_auto_selects_with_a_report(fake_backbones, parts):
     det = Detector("auto", **FAST).fit(parts["train"])
     report = det.selection
     assert report["choice"] == det.strategy
-    # texture, semantic and five fusions (fusion_weighted_sum:0.5 is fusion_add halved); the adapter
-    # and subspace only when auto_experts names them
-    assert len(report["scores"]) == 7 and not {"semantic_adapter", "subspace"} & set(report["scores"])
-    assert any("semantic_adapter not validated" in note for note in report["validation"]["notes"])
+    # semantic and subspace; texture, its fusions and the adapter only when auto_experts names them,
+    # and then the texture backbone is never loaded
+    assert set(report["scores"]) == {"semantic", "subspace"} and "texture" not in det.featurizers
+    assert any("semantic_adapter not validated" in note and "leave-one-category-out" in note
+               for note in report["validation"]["notes"])
+    both = Detector("auto", auto_experts=("texture", "semantic"), **FAST).fit(parts["train"])
+    # texture, semantic and five fusions (fusion_weighted_sum:0.5 is fusion_add halved)
+    assert len(both.selection["scores"]) == 7
     assert report["validation"]["anomalous"] >= 12
     chosen = report["scores"][det.strategy]
     assert det.strategy == "semantic" or chosen["gain_low"] > 0  # the default, unless beaten beyond noise

@@ -27,7 +27,7 @@ from PIL import Image
 
 from astfad import __version__
 from astfad.backbones import available_offline, default_weights_url, load_backbone
-from astfad.config import DetectorConfig, experts_of, grid_for, parse_strategy
+from astfad.config import AUTO_EXPERTS, AUTO_EXPERTS_WHY, DetectorConfig, experts_of, grid_for, parse_strategy
 from astfad.data.images import load_image
 from astfad.data.synthetic import ANOMALY_KINDS, random_anomaly
 from astfad.data.views import Source, normal_view, rotate, view_to_source
@@ -395,8 +395,8 @@ class Detector:
                                       anomalous.numpy())
         notes = [f"{name} validated with copies that never saw the validated shot (or, with one shot, "
                  "quadrant)" for name in held_out]
-        notes += [f"{name} not validated: not in auto_experts ({', '.join(cfg.auto_experts)}); by default the "
-                  "adapter and subspace are left out, as they lost to semantic on the development categories"
+        why = f"; {AUTO_EXPERTS_WHY}" if tuple(cfg.auto_experts) == AUTO_EXPERTS else ""
+        notes += [f"{name} not validated: not in auto_experts ({', '.join(cfg.auto_experts)}){why}"
                   for name in REGISTRY if name not in cfg.auto_experts]
         validation = {"normal": len(normal.images), "anomalous": len(images), "kinds": kinds,
                       "single_shot_regions": len(self.shots) == 1}

@@ -551,7 +551,7 @@ def test_fit_keep_candidates_on_the_command_line(fakes, tmp_path):
         assert result.exit_code == 0, result.output
         saved[bool(flag)] = read_raw(out)[0]
     assert saved[False]["experts"] == sorted(experts_of(saved[False]["strategy"]))
-    assert {"texture", "semantic"} <= set(saved[True]["experts"])
+    assert {"semantic", "subspace"} <= set(saved[True]["experts"])  # the default auto_experts
 
 
 # ---------------------------------------------------------------------------- calibrate

@@ -35,6 +35,7 @@ from astfad.detector import Detector
 from astfad.experts.mutual import mutual_distances, split_batches
 from astfad.scoring import image_scores, to_eval_grid
 from cached_rows import cached_rows
+from protocol import held_out_best
 
 BATCH = 32
 RULES = ("semantic", "mutual", "min", "mean")
@@ -117,9 +118,7 @@ def report(rows: list[dict]) -> None:
             print(f"| {rule} | " + " | ".join("/".join(f"{v:.1f}" for v in cell) for cell in cells)
                   + " | " + "/".join(f"{v:.1f}" for v in mean) + " |")
         held = []
-        for c in categories:
-            others = [o for o in categories if o != c]
-            best = max(RULES, key=lambda r: np.mean([value[(o, r)][0] for o in others]))
+        for c, best in held_out_best(categories, RULES, lambda o, r: value[(o, r)][0]).items():
             held.append(value[(c, best)][0])
             print(f"- {c}: {best} chosen on the others -> image AUROC {held[-1]:.1f}")
         print(f"mean held-out image AUROC {np.mean(held):.1f} vs semantic "

@@ -30,6 +30,7 @@ from astfad.detector import Detector
 from astfad.metrics import evaluate
 from astfad.scoring import image_scores
 from cached_rows import cached_rows
+from protocol import held_out_best
 
 PEAK_WINDOW = 9  # eval-grid pixels: peaks closer than this are one region
 
@@ -110,9 +111,7 @@ def report(rows: list[dict]) -> None:
             print(f"| {name} | " + " | ".join(f"{100 * v:.1f}" for v in values) + f" | {100 * np.mean(values):.1f} |")
         print("leave-one-category-out (rule with the best mean on the other categories):")
         held = []
-        for c in categories:
-            others = [o for o in categories if o != c]
-            best = max(RULES, key=lambda n: np.mean([auroc[(o, n)] for o in others]))
+        for c, best in held_out_best(categories, RULES, lambda o, n: auroc[(o, n)]).items():
             held.append(auroc[(c, best)])
             print(f"- {c}: {best} -> {100 * held[-1]:.1f} (top1: {100 * auroc[(c, 'top1')]:.1f})")
         print(f"mean held-out {100 * np.mean(held):.1f} vs top1 {100 * np.mean([auroc[(c, 'top1')] for c in categories]):.1f}")

@@ -38,6 +38,7 @@ from astfad.experts.semantic import SemanticExpert
 from astfad.features import Featurizer, semantic_reader
 from astfad.scoring import image_scores, to_eval_grid
 from cached_rows import cached_rows
+from protocol import held_out_best
 
 METRICS = ("image_auroc", "pixel_auroc", "aupro")
 DEFAULT = (448, OFFLINE_VIT_LAYERS, False, False)  # size, blocks, reference flips, test flips
@@ -147,9 +148,7 @@ def report(rows: list[dict]) -> None:
         if DEFAULT not in done:
             continue
         held = []
-        for c in categories:
-            others = [o for o in categories if o != c]
-            best = max(done, key=lambda v: np.mean([value[(o, v)][0] for o in others]))
+        for c, best in held_out_best(categories, done, lambda o, v: value[(o, v)][0]).items():
             held.append(value[(c, best)])
             print(f"- held out {c}: chose {best} -> {'/'.join(f'{x:.1f}' for x in held[-1])} "
                   f"(default {'/'.join(f'{x:.1f}' for x in value[(c, DEFAULT)])})")

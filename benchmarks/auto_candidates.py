@@ -25,6 +25,7 @@ import numpy as np
 
 from astfad.report import read_results, read_selections
 from astfad.selection import CANDIDATES, DEFAULT_STRATEGY, choose_strategy
+from protocol import held_out_best
 
 METRICS = ("image_auroc", "pixel_auroc", "aupro")
 
@@ -41,11 +42,11 @@ CANDIDATE_SETS = {
 def replay(selection_dirs: list[Path], fixed_dirs: list[Path]) -> dict:
     """{(set, category, shots): [(image AUROC, pixel AUROC, AUPRO) per seed]} plus the fixed
     strategies' and the oracle's."""
-    fixed = {}
+    fixed = defaultdict(dict)  # (category, shots, seed) -> {strategy: figures}
     for folder in fixed_dirs:
         for r in read_results(folder / "results.csv"):
             if r["strategy"] != "auto":
-                fixed[(r["category"], r["shots"], r["seed"], r["strategy"])] = tuple(r[m] for m in METRICS)
+                fixed[(r["category"], r["shots"], r["seed"])][r["strategy"]] = tuple(r[m] for m in METRICS)
     out = defaultdict(list)
     for folder in selection_dirs:
         for record in read_selections(folder / "selection.csv"):
@@ -53,11 +54,12 @@ def replay(selection_dirs: list[Path], fixed_dirs: list[Path]) -> dict:
             for name, members in CANDIDATE_SETS.items():
                 terms = {c: record["terms"][c] for c in members if c in record["terms"]}
                 choice = choose_strategy(terms, seed=record["seed"]).choice
-                out[(name, cell[0], cell[1])].append(fixed[(*cell, choice)])
-            strategies = {s for (*c, s) in fixed if tuple(c) == cell}
-            for s in strategies:
-                out[(f"fixed: {s}", cell[0], cell[1])].append(fixed[(*cell, s)])
-            out[("oracle", cell[0], cell[1])].append(max((fixed[(*cell, s)] for s in strategies), key=lambda v: v[0]))
+                out[(name, cell[0], cell[1])].append(fixed[cell][choice])
+            for s, figures in fixed[cell].items():
+                out[(f"fixed: {s}", cell[0], cell[1])].append(figures)
+            # by image AUROC; a tie goes to the first strategy by name, so the row is reproducible
+            best = max(sorted(fixed[cell]), key=lambda s: fixed[cell][s][0])
+            out[("oracle", cell[0], cell[1])].append(fixed[cell][best])
     return out
 
 
@@ -77,8 +79,7 @@ def report(out: dict) -> None:
                   + " | " + " / ".join(f"{v:.1f}" for v in mean) + " |")
         sets = [n for n in CANDIDATE_SETS if n in names]
         held = []
-        for c in categories:
-            best = max(sets, key=lambda n: np.mean([value[(n, o)] for o in categories if o != c]))
+        for c, best in held_out_best(categories, sets, lambda o, n: value[(n, o)]).items():
             held.append(value[(best, c)])
             print(f"- held out {c}: chose '{best}' -> {held[-1]:.1f}")
         print(f"held-out mean {np.mean(held):.1f}")

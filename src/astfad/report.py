@@ -196,23 +196,15 @@ def append_selection(path: Path, category: str, shots: int, seed: int, record: d
 
 def read_selections(path: Path) -> list[dict[str, Any]]:
     """Records of a selection.csv (the latest per cell last), terms as arrays."""
-    records = _read_records(Path(path))
-    if records and tuple(records[0]) != SELECTION_COLUMNS:
-        raise ValueError(f"{path}: its columns differ from {', '.join(SELECTION_COLUMNS)}")
     return [{"category": r[0], "shots": int(r[1]), "seed": int(r[2]), "choice": r[3],
              "terms": {name: {k: np.asarray(v, float) for k, v in term.items()} for name, term in json.loads(r[4]).items()}}
-            for r in records[1:] if len(r) == len(SELECTION_COLUMNS)]
+            for r in _records_under(Path(path), SELECTION_COLUMNS)]
 
 
 def read_failures(path: Path) -> list[dict[str, Any]]:
     """Rows of a failed.csv (latest record per cell last); an unfinished last line is skipped."""
-    records = _read_records(Path(path))
-    if not records:
-        return []
-    if tuple(records[0]) != FAILURE_COLUMNS:
-        raise ValueError(f"{path}: its columns differ from {', '.join(FAILURE_COLUMNS)}")
     return [{"category": r[0], "shots": int(r[1]), "seed": int(r[2]), "reason": r[3]}
-            for r in records[1:] if len(r) == len(FAILURE_COLUMNS)]
+            for r in _records_under(Path(path), FAILURE_COLUMNS)]
 
 
 def _parse_value(column: str, text: str) -> Any:
@@ -223,13 +215,22 @@ def _parse_value(column: str, text: str) -> Any:
     return text
 
 
-def _read_records(path: Path) -> list[list[str]]:
+def _records_under(path: Path, columns: Sequence[str]) -> list[list[str]]:
+    """The complete records of a file written by `_append_line` under `columns` (none for an empty
+    file); a file with another header is refused."""
+    records = _read_records(path, stacklevel=4)
+    if records and tuple(records[0]) != tuple(columns):
+        raise ValueError(f"{path}: its columns differ from {', '.join(columns)}")
+    return [r for r in records[1:] if len(r) == len(columns)]
+
+
+def _read_records(path: Path, stacklevel: int = 3) -> list[list[str]]:
     """CSV records of a file; a last line without newline (an interrupted write) is skipped with
     a warning."""
     text = path.read_text(encoding="utf-8")
     if text and not text.endswith("\n"):
         warnings.warn(f"{path}: ignoring an unfinished last line (interrupted write)", RuntimeWarning,
-                      stacklevel=3)
+                      stacklevel=stacklevel)
         text = text[: text.rfind("\n") + 1]
     return list(csv.reader(io.StringIO(text)))
 

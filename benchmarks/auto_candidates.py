@@ -24,18 +24,24 @@ from pathlib import Path
 import numpy as np
 
 from astfad.report import read_results, read_selections
-from astfad.selection import CANDIDATES, DEFAULT_STRATEGY, choose_strategy
+from astfad.config import DEFAULT_PAIR, candidate_strategies, fusion_strategies
+from astfad.selection import choose_strategy
 from protocol import held_out_best
 
 METRICS = ("image_auroc", "pixel_auroc", "aupro")
 
-FUSIONS = tuple(c for c in CANDIDATES if c.startswith("fusion_"))
+TEXTURE_FUSIONS = fusion_strategies(DEFAULT_PAIR)
+PAIR = ("semantic", "subspace")
+# name -> (the default the rule keeps without evidence, the candidates it validates)
 CANDIDATE_SETS = {
-    "semantic alone": (DEFAULT_STRATEGY,),
-    "texture, semantic, fusions (default)": ("texture", DEFAULT_STRATEGY, *FUSIONS),
-    "semantic, fusions": (DEFAULT_STRATEGY, *FUSIONS),
-    "semantic, subspace": (DEFAULT_STRATEGY, "subspace"),
-    "texture, semantic, subspace, fusions": ("texture", DEFAULT_STRATEGY, "subspace", *FUSIONS),
+    "semantic alone": ("semantic", ("semantic",)),
+    "texture, semantic, fusions": ("semantic", ("texture", "semantic", *TEXTURE_FUSIONS)),
+    "semantic, fusions": ("semantic", ("semantic", *TEXTURE_FUSIONS)),
+    "texture, semantic, subspace, fusions": ("semantic", ("texture", "semantic", "subspace", *TEXTURE_FUSIONS)),
+    "semantic, subspace": ("semantic", PAIR),
+    **{f"semantic, subspace, their fusions; default {d}": (d, candidate_strategies(PAIR))
+       for d in ("semantic", *fusion_strategies(PAIR))},
+    **{f"{d} alone": (d, (d,)) for d in fusion_strategies(PAIR)},
 }
 
 
@@ -51,9 +57,11 @@ def replay(selection_dirs: list[Path], fixed_dirs: list[Path]) -> dict:
     for folder in selection_dirs:
         for record in read_selections(folder / "selection.csv"):
             cell = (record["category"], record["shots"], record["seed"])
-            for name, members in CANDIDATE_SETS.items():
-                terms = {c: record["terms"][c] for c in members if c in record["terms"]}
-                choice = choose_strategy(terms, seed=record["seed"]).choice
+            for name, (default, members) in CANDIDATE_SETS.items():
+                if not set(members) <= set(record["terms"]):
+                    continue  # validated by a run whose auto_experts did not name these
+                terms = {c: record["terms"][c] for c in members}
+                choice = choose_strategy(terms, default, seed=record["seed"]).choice
                 out[(name, cell[0], cell[1])].append(fixed[cell][choice])
             for s, figures in fixed[cell].items():
                 out[(f"fixed: {s}", cell[0], cell[1])].append(figures)
@@ -83,6 +91,22 @@ def report(out: dict) -> None:
             held.append(value[(best, c)])
             print(f"- held out {c}: chose '{best}' -> {held[-1]:.1f}")
         print(f"held-out mean {np.mean(held):.1f}")
+    report_pooled(out)
+
+
+def report_pooled(out: dict) -> None:
+    """The choice the defaults are made by: leave-one-category-out on the mean over every shot count."""
+    shots = sorted({key[2] for key in out})
+    categories = sorted({c for (_, c, _) in out})
+    value = {(n, c, k): 100 * float(np.mean(v, axis=0)[0]) for (n, c, k), v in out.items()}
+    sets = [n for n in CANDIDATE_SETS if all((n, c, k) in value for c in categories for k in shots)]
+    if not sets:
+        return
+    print(f"\nleave-one-category-out on the mean over {', '.join(map(str, shots))} shots:")
+    held = held_out_best(categories, sets, lambda o, n: np.mean([value[(n, o, k)] for k in shots]))
+    for c, best in held.items():
+        print(f"- held out {c}: chose '{best}' -> " + " / ".join(f"{value[(best, c, k)]:.1f}" for k in shots))
+    print("held-out mean " + " / ".join(f"{np.mean([value[(held[c], c, k)] for c in categories]):.1f}" for k in shots))
 
 
 def main() -> None:

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from astfad.config import candidate_strategies
 from astfad.detector import FORMAT_VERSION, Detector, ModelFileError
 from astfad.metrics import image_auroc
 
@@ -50,9 +51,10 @@ def test_auto_selects_with_a_report(fake_backbones, parts):
     det = Detector("auto", **FAST).fit(parts["train"])
     report = det.selection
     assert report["choice"] == det.strategy
-    # semantic and subspace; texture, its fusions and the adapter only when auto_experts names them,
-    # and then the texture backbone is never loaded
-    assert set(report["scores"]) == {"semantic", "subspace"} and "texture" not in det.featurizers
+    # semantic, subspace and their five fusions; texture, its fusions and the adapter only when
+    # auto_experts names them, and then the texture backbone is never loaded
+    assert list(report["scores"]) == [*candidate_strategies(("semantic", "subspace"))] and len(report["scores"]) == 7
+    assert "texture" not in det.featurizers
     assert any("semantic_adapter not validated" in note and "leave-one-category-out" in note
                for note in report["validation"]["notes"])
     both = Detector("auto", auto_experts=("texture", "semantic"), **FAST).fit(parts["train"])

@@ -42,7 +42,8 @@ import torch
 from tqdm.auto import tqdm
 
 from astfad import __version__
-from astfad.config import SINGLE_STRATEGIES, DetectorConfig, experts_of, grid_for, parse_strategy
+from astfad.config import (AUTO_EXPERTS, DEFAULT_PAIR, SINGLE_STRATEGIES, DetectorConfig, candidate_strategies,
+                           experts_of, fusion_strategies, grid_for, parse_strategy)
 from astfad.data.datasets import Category, Sample, sample_shots, scan_dataset
 from astfad.data.images import ImageLoadError, image_size, load_image, load_mask, write_atomically
 from astfad.detector import Detector, family_of, image_key
@@ -52,10 +53,12 @@ from astfad.metrics import evaluate, verdict_metrics
 from astfad.report import (RESULT_COLUMNS, append_failure, append_row, append_selection, check_appendable, plot_results,
                            read_failures, read_results, write_summary)
 from astfad.scoring import mask_to_grid
-from astfad.selection import CANDIDATES, load_pinned, pinned_strategy
+from astfad.selection import load_pinned, pinned_strategy
 from astfad.visualize import zscore_panel
 
-FIXED_STRATEGIES = CANDIDATES  # every registered expert alone and the fusions auto chooses from
+# every registered expert alone, the fusions of the default pair and those auto chooses from
+FIXED_STRATEGIES = tuple(dict.fromkeys((*SINGLE_STRATEGIES, *fusion_strategies(DEFAULT_PAIR),
+                                        *candidate_strategies(AUTO_EXPERTS))))
 PANEL_EXPERTS = SINGLE_STRATEGIES
 EXTRACT_CHUNK = 16
 PANEL_MANIFEST = "panels.json"
@@ -649,7 +652,7 @@ class Benchmark:
 def oracle_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """For evaluation only: per (category, shots), the fixed strategy with the best mean image
     AUROC over seeds, chosen WITH test labels, its per-seed rows relabelled `oracle`."""
-    fixed = [r for r in rows if r["strategy"] in FIXED_STRATEGIES or r["strategy"].startswith("fusion_weighted")]
+    fixed = [r for r in rows if r["strategy"] not in ("auto", ZERO_SHOT) and not r["strategy"].startswith("preset")]
     out = []
     for category, shots in sorted({(r["category"], r["shots"]) for r in fixed}):
         group = [r for r in fixed if r["category"] == category and r["shots"] == shots]

@@ -7,7 +7,9 @@ loaded detector scores exactly as the one that was fitted.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,6 +18,9 @@ from astfad.experts.registry import REGISTRY
 SINGLE_STRATEGIES = tuple(REGISTRY)  # one expert's map alone
 FUSION_RULES = ("fusion_add", "fusion_mul", "fusion_max", "fusion_weighted_sum")
 DEFAULT_PAIR = ("texture", "semantic")  # what a fusion combines unless it names its pair
+# the weighted sums a candidate set holds (alpha weighs the pair's first expert); 0.5 is fusion_add
+# halved, the same ranking: not a separate candidate
+CANDIDATE_ALPHAS = (0.3, 0.7)
 IMAGE_SCORE_RULES = ("top1", "max", "reweight")
 # the experts `auto` validates (alone, and fused when both experts of a fusion are named). Chosen by
 # leave-one-category-out over the ten development categories (benchmarks/auto_candidates.py on the
@@ -73,6 +78,22 @@ def parse_strategy(strategy: str) -> tuple[str, float | None]:
 def experts_of(strategy: str) -> tuple[str, ...]:
     """The experts a strategy needs (for a fusion: its pair, the first weighed by alpha)."""
     return _strategy_parts(strategy)[2]
+
+
+def fusion_strategies(pair: tuple[str, str]) -> tuple[str, ...]:
+    """Every fusion rule over one pair of experts, named as `parse_strategy` reads them (the default
+    pair without its suffix)."""
+    suffix = "" if tuple(pair) == DEFAULT_PAIR else f":{pair[0]}+{pair[1]}"
+    return (*(f"{rule}{suffix}" for rule in FUSION_RULES[:3]),
+            *(f"fusion_weighted_sum:{alpha}{suffix}" for alpha in CANDIDATE_ALPHAS))
+
+
+def candidate_strategies(experts: Iterable[str]) -> tuple[str, ...]:
+    """The strategies a set of fitted experts offers: each alone, and every fusion over each pair
+    of them (registry order, so the default pair keeps its short names)."""
+    wanted = set(experts)
+    names = [e for e in SINGLE_STRATEGIES if e in wanted]
+    return (*names, *(f for pair in itertools.combinations(names, 2) for f in fusion_strategies(pair)))
 
 
 @dataclass

@@ -27,7 +27,8 @@ from PIL import Image
 
 from astfad import __version__
 from astfad.backbones import available_offline, default_weights_url, load_backbone
-from astfad.config import AUTO_EXPERTS, AUTO_EXPERTS_WHY, DetectorConfig, experts_of, grid_for, parse_strategy
+from astfad.config import (AUTO_EXPERTS, AUTO_EXPERTS_WHY, DetectorConfig, candidate_strategies, experts_of, grid_for,
+                           parse_strategy)
 from astfad.data.images import load_image
 from astfad.data.synthetic import ANOMALY_KINDS, random_anomaly
 from astfad.data.views import Source, normal_view, rotate, view_to_source
@@ -39,7 +40,7 @@ from astfad.features import FeatureCache, Featurizer, resolve_device, semantic_r
 from astfad.fusion import Normaliser, fuse
 from astfad.modelfile import ModelFileError, read_model_file, write_model_file
 from astfad.scoring import image_scores, mask_to_grid, to_eval_grid, to_image_size
-from astfad.selection import (CANDIDATES, DEFAULT_STRATEGY, MAX_ANOMALOUS_IMAGES, MIN_ANOMALOUS_IMAGES, Evidence,
+from astfad.selection import (DEFAULT_STRATEGY, MAX_ANOMALOUS_IMAGES, MIN_ANOMALOUS_IMAGES, Evidence,
                               SelectionReport, choose_strategy, labels_to_grid, synthetic_anomalies,
                               validation_terms)
 from astfad.thresholds import ThresholdModel
@@ -224,7 +225,7 @@ class Detector:
             family = REGISTRY[name].family
             normal_maps[name] = maps(normal.features[family], exclusions[family])
         self.normalisers = {name: Normaliser.fit(m, cfg.normaliser) for name, m in normal_maps.items()}
-        candidates = [c for c in CANDIDATES if set(experts_of(c)) <= set(normal_maps)]
+        candidates = candidate_strategies(normal_maps)
         normal_scores = {c: self.scores(c, self.combine(c, normal_maps), normal.features.get("texture"),
                                         exclusions.get("texture")) for c in candidates}
         if auto:  # experts fitted only for `also` (a benchmark's fixed strategies) are not candidates
@@ -450,7 +451,7 @@ class Detector:
         feats = self.extract(arrays, keys, "all")
         maps = self.expert_maps(feats)
         self.normalisers = {name: Normaliser.fit(m, self.config.normaliser) for name, m in maps.items()}
-        strategies = [c for c in (*CANDIDATES, self.strategy) if set(experts_of(c)) <= set(maps)]
+        strategies = (*candidate_strategies(maps), self.strategy)
         scores = {c: self.scores(c, self.combine(c, maps), feats.get("texture")) for c in dict.fromkeys(strategies)}
         if target_fpr is not None:
             self.config.target_fpr = target_fpr

@@ -29,14 +29,10 @@ from typing import Any
 
 import numpy as np
 
-from astfad.config import SINGLE_STRATEGIES, parse_strategy
+from astfad.config import parse_strategy
 from astfad.data.synthetic import ANOMALY_KINDS, random_anomaly
 from astfad.scoring import mask_to_grid
 
-# every registered expert alone, and the fusion rules over the default pair (fusion_weighted_sum:0.5
-# is fusion_add halved, the same ranking: not a separate candidate)
-CANDIDATES = (*SINGLE_STRATEGIES, "fusion_add", "fusion_mul", "fusion_max",
-              "fusion_weighted_sum:0.3", "fusion_weighted_sum:0.7")
 DEFAULT_STRATEGY = "semantic"
 BOOTSTRAP_RESAMPLES = 2000
 FAMILY_ERROR = 5.0  # percent chance that noise alone makes any challenger beat the default

@@ -2,14 +2,16 @@
 
 A benchmark run with `auto` writes every auto cell's validation terms to selection.csv; the
 fixed strategies' rows of the same cells (results.csv of the same or another run over the same
-categories, shots and seeds) give each choice's test figures. For each candidate set, the rule
+categories, shots and seeds) give each choice's test figures. For each candidate set (with its
+own default) and each weight of the image term in the rule's measure, the rule
 (selection.choose_strategy) is replayed on the recorded terms of that set's candidates, and the
 chosen strategy's test figures are read off the fixed rows (the same maps and thresholds: `auto`
 with `auto_experts` naming a set's experts makes exactly these choices, the validation of each
 candidate not depending on the others). Prints, per shot count, every set's image AUROC per
 category (mean over seeds) and its mean image / pixel AUROC / AUPRO over categories, the fixed
 strategies and the per-category oracle (by image AUROC), and the leave-one-category-out choice of
-the set (best mean image AUROC on the other categories) with its held-out mean.
+the variant (best mean image AUROC on the other categories) with its held-out mean, per shot count
+and on the mean over every shot count (the choice the defaults are made by).
 
     python benchmarks/auto_candidates.py --selection runs/real_auto runs/gen_auto \
         --fixed runs/real_fixed runs/gen_fixed
@@ -18,7 +20,7 @@ the set (best mean image AUROC on the other categories) with its held-out mean.
 from __future__ import annotations
 
 import argparse
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +34,7 @@ METRICS = ("image_auroc", "pixel_auroc", "aupro")
 
 TEXTURE_FUSIONS = fusion_strategies(DEFAULT_PAIR)
 PAIR = ("semantic", "subspace")
+IMAGE_WEIGHTS = (0.0, 0.5)  # of the image term in the rule's measure (selection.IMAGE_WEIGHT)
 # name -> (the default the rule keeps without evidence, the candidates it validates)
 CANDIDATE_SETS = {
     "semantic alone": ("semantic", ("semantic",)),
@@ -41,8 +44,13 @@ CANDIDATE_SETS = {
     "semantic, subspace": ("semantic", PAIR),
     **{f"semantic, subspace, their fusions; default {d}": (d, candidate_strategies(PAIR))
        for d in ("semantic", *fusion_strategies(PAIR))},
+    **{f"{d}, subspace": (d, (d, "subspace")) for d in fusion_strategies(PAIR)},
     **{f"{d} alone": (d, (d,)) for d in fusion_strategies(PAIR)},
 }
+# every set under each measure (a single candidate has nothing to weigh)
+VARIANTS = {(f"{name}; image weight {w}" if len(members) > 1 else name): (default, members, w)
+            for name, (default, members) in CANDIDATE_SETS.items()
+            for w in (IMAGE_WEIGHTS if len(members) > 1 else IMAGE_WEIGHTS[:1])}
 
 
 def replay(selection_dirs: list[Path], fixed_dirs: list[Path]) -> dict:
@@ -57,11 +65,11 @@ def replay(selection_dirs: list[Path], fixed_dirs: list[Path]) -> dict:
     for folder in selection_dirs:
         for record in read_selections(folder / "selection.csv"):
             cell = (record["category"], record["shots"], record["seed"])
-            for name, (default, members) in CANDIDATE_SETS.items():
+            for name, (default, members, weight) in VARIANTS.items():
                 if not set(members) <= set(record["terms"]):
                     continue  # validated by a run whose auto_experts did not name these
                 terms = {c: record["terms"][c] for c in members}
-                choice = choose_strategy(terms, default, seed=record["seed"]).choice
+                choice = choose_strategy(terms, default, seed=record["seed"], image_weight=weight).choice
                 out[(name, cell[0], cell[1])].append(fixed[cell][choice])
             for s, figures in fixed[cell].items():
                 out[(f"fixed: {s}", cell[0], cell[1])].append(figures)
@@ -85,7 +93,7 @@ def report(out: dict) -> None:
             mean = np.mean([figures[(n, c)] for c in categories], axis=0)
             print(f"| {n} | " + " | ".join(f"{value[(n, c)]:.1f}" for c in categories)
                   + " | " + " / ".join(f"{v:.1f}" for v in mean) + " |")
-        sets = [n for n in CANDIDATE_SETS if n in names]
+        sets = [n for n in VARIANTS if n in names]
         held = []
         for c, best in held_out_best(categories, sets, lambda o, n: value[(n, o)]).items():
             held.append(value[(best, c)])
@@ -99,13 +107,15 @@ def report_pooled(out: dict) -> None:
     shots = sorted({key[2] for key in out})
     categories = sorted({c for (_, c, _) in out})
     value = {(n, c, k): 100 * float(np.mean(v, axis=0)[0]) for (n, c, k), v in out.items()}
-    sets = [n for n in CANDIDATE_SETS if all((n, c, k) in value for c in categories for k in shots)]
+    sets = [n for n in VARIANTS if all((n, c, k) in value for c in categories for k in shots)]
     if not sets:
         return
     print(f"\nleave-one-category-out on the mean over {', '.join(map(str, shots))} shots:")
     held = held_out_best(categories, sets, lambda o, n: np.mean([value[(n, o, k)] for k in shots]))
     for c, best in held.items():
         print(f"- held out {c}: chose '{best}' -> " + " / ".join(f"{value[(best, c, k)]:.1f}" for k in shots))
+    for name, folds in Counter(held.values()).most_common():
+        print(f"  {folds} of {len(categories)} folds: {name}")
     print("held-out mean " + " / ".join(f"{np.mean([value[(held[c], c, k)] for c in categories]):.1f}" for k in shots))
 
 

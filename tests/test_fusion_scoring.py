@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from astfad.config import DetectorConfig, experts_of, grid_for, parse_strategy
+from astfad.config import DEFAULT_PAIR, DetectorConfig, candidate_strategies, experts_of, grid_for, parse_strategy
 from astfad.fusion import Normaliser, fuse
 from astfad.metrics import image_auroc
 from astfad.scoring import gaussian_blur, image_scores, to_eval_grid
@@ -20,6 +20,18 @@ def test_parse_strategy():
     assert experts_of("fusion_max:texture+subspace") == ("texture", "subspace")
     assert parse_strategy("fusion_weighted_sum:0.3:subspace+semantic") == ("fusion_weighted_sum", 0.3)
     assert experts_of("fusion_weighted_sum:0.3:subspace+semantic") == ("subspace", "semantic")
+
+
+def test_candidates_are_each_expert_and_every_fusion_of_each_pair():
+    names = candidate_strategies(("subspace", "semantic"))  # registry order, whatever the order given
+    assert names[:2] == ("semantic", "subspace") and len(names) == 2 + 5
+    assert "fusion_mul:semantic+subspace" in names and "fusion_weighted_sum:0.3:semantic+subspace" in names
+    assert all(experts_of(n) == ("semantic", "subspace") for n in names[2:])
+    with_texture = candidate_strategies(("texture", "semantic", "subspace"))
+    assert len(with_texture) == 3 + 3 * 5 and len(set(with_texture)) == len(with_texture)
+    # the default pair keeps its short names, which saved models and presets use
+    assert {"fusion_add", "fusion_weighted_sum:0.7"} <= set(with_texture) and experts_of("fusion_add") == DEFAULT_PAIR
+    assert candidate_strategies(("semantic",)) == ("semantic",)
 
 
 def test_grid_keeps_aspect_and_area():

@@ -90,8 +90,9 @@ def test_default_kept_unless_beaten_beyond_noise():
 
 def test_many_equal_challengers_rarely_switch_on_noise():
     # seven challengers exactly as good as the default, 8 normal images (what 4 shots give): at 5%
-    # each on anomalous images alone (and a Gaussian image term), 13 of 20 trials with 6 normal images switched; the paired, corrected rule allows
-    # about 5% (with 4 normal images, one shot's, it still switches in about 1 of 5: README)
+    # each on anomalous images alone (and a Gaussian image term), 13 of 20 trials with 6 normal
+    # images switched; the paired, corrected rule on the pixel measure switches in 4 of 40 (also
+    # with 4 normal images, one shot's; 9 of 40 when the image term weighed half)
     masks = np.zeros((24, 16, 16), bool)
     masks[:, 4:8, 4:8] = True
     names = ["semantic", "texture", "fusion_add", "fusion_mul", "fusion_max", "subspace",

@@ -22,13 +22,13 @@ DEFAULT_PAIR = ("texture", "semantic")  # what a fusion combines unless it names
 # halved, the same ranking: not a separate candidate
 CANDIDATE_ALPHAS = (0.3, 0.7)
 IMAGE_SCORE_RULES = ("top1", "max", "reweight")
-# the experts `auto` validates (alone, and fused when both experts of a fusion are named). Chosen by
-# leave-one-category-out over the ten development categories (benchmarks/auto_candidates.py on the
-# validations the benchmark records, 1, 4 and 16 shots pooled): semantic and subspace in 9 of 10
-# folds (the other: semantic alone). With texture and its fusions as candidates, the synthetic
-# validation chose texture on the generated screw in 6 of 6 one- and four-shot cells, 37 and 10
-# points under semantic there; the adapter loses to semantic in most folds and its validation costs
-# two trainings
+# the experts `auto` validates (each alone; with `auto_fusions`, also every fusion of each pair of
+# them). Chosen by leave-one-category-out over the ten development categories
+# (benchmarks/auto_candidates.py on the validations the benchmark records, 1, 4 and 16 shots
+# pooled): semantic and subspace alone in 8 of 10 folds, their fusions added in the others. With
+# texture and its fusions as candidates, the synthetic validation chose texture on the generated
+# screw in 6 of 6 one- and four-shot cells, 37 and 10 points under semantic there; the adapter loses
+# to semantic in most folds and its validation costs two trainings
 AUTO_EXPERTS = ("semantic", "subspace")
 AUTO_EXPERTS_WHY = ("the default candidates, semantic and subspace, were chosen by leave-one-category-out "
                     "on the development categories (README)")
@@ -104,6 +104,7 @@ class DetectorConfig:
     strategy: str = "semantic"
     seed: int = 0
     auto_experts: tuple[str, ...] = AUTO_EXPERTS
+    auto_fusions: bool = False  # also validate the fusions of each pair of auto_experts
     device: str = "auto"
     # how backbones run: "torch", "onnxruntime" or "auto" (the fastest measured at no accuracy loss)
     runtime: str = "torch"
@@ -142,6 +143,11 @@ class DetectorConfig:
     pixel_threshold: float | None = None
     # selection
     pinned: dict[str, str] = field(default_factory=dict)
+
+    def auto_candidates(self) -> tuple[str, ...]:
+        """The strategies `auto` validates."""
+        names = candidate_strategies(self.auto_experts)
+        return names if self.auto_fusions else tuple(n for n in names if n in SINGLE_STRATEGIES)
 
     def __post_init__(self) -> None:
         parse_strategy(self.strategy)

@@ -229,11 +229,10 @@ class Detector:
         normal_scores = {c: self.scores(c, self.combine(c, normal_maps), normal.features.get("texture"),
                                         exclusions.get("texture")) for c in candidates}
         if auto:  # experts fitted only for `also` (a benchmark's fixed strategies) are not candidates
-            validated = set(cfg.auto_experts)
+            validated = cfg.auto_candidates()
             self.selection = self._select(
-                normal, exclusions, normal_maps,
-                {c: s for c, s in normal_scores.items() if set(experts_of(c)) <= validated},
-                {n: m for n, m in held_out.items() if n in validated}).to_dict()
+                normal, exclusions, normal_maps, {c: normal_scores[c] for c in validated},
+                {n: m for n, m in held_out.items() if n in cfg.auto_experts}).to_dict()
             self.strategy = self.selection["choice"]
         else:
             self.strategy = cfg.strategy
@@ -399,6 +398,9 @@ class Detector:
         why = f"; {AUTO_EXPERTS_WHY}" if tuple(cfg.auto_experts) == AUTO_EXPERTS else ""
         notes += [f"{name} not validated: not in auto_experts ({', '.join(cfg.auto_experts)}){why}"
                   for name in REGISTRY if name not in cfg.auto_experts]
+        if len(cfg.auto_experts) > 1 and not cfg.auto_fusions:
+            notes.append("fusions of the experts not validated: auto_fusions is off (leave-one-category-out on "
+                         "the development categories chose the experts alone; README)")
         validation = {"normal": len(normal.images), "anomalous": len(images), "kinds": kinds,
                       "single_shot_regions": len(self.shots) == 1}
         self.selection_terms = validation_terms(evidence, true_masks)

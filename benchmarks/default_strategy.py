@@ -5,7 +5,7 @@ strategy with the best mean image AUROC over their shots and seeds) and then onl
 held-out one; the table also shows `auto` (with today's default) against the best single fixed
 strategy and the per-category oracle, per shot count.
 
-    python benchmarks/default_strategy.py runs/issue9/results.csv
+    python benchmarks/default_strategy.py runs/real/results.csv runs/generated/results.csv
 """
 
 from __future__ import annotations
@@ -26,9 +26,9 @@ def mean(values: list[float]) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("results", type=Path)
+    parser.add_argument("results", type=Path, nargs="+", help="results.csv files (e.g. real and generated runs)")
     args = parser.parse_args()
-    rows = read_results(args.results)
+    rows = [r for path in args.results for r in read_results(path)]
     auroc: dict[tuple[str, int, str], list[float]] = defaultdict(list)
     for r in rows:
         auroc[(r["category"], r["shots"], r["strategy"])].append(r["image_auroc"])

@@ -32,6 +32,10 @@ def test_candidates_are_each_expert_and_every_fusion_of_each_pair():
     # the default pair keeps its short names, which saved models and presets use
     assert {"fusion_add", "fusion_weighted_sum:0.7"} <= set(with_texture) and experts_of("fusion_add") == DEFAULT_PAIR
     assert candidate_strategies(("semantic",)) == ("semantic",)
+    assert DetectorConfig().auto_candidates() == ("semantic", "subspace")  # fusions only when asked
+    assert len(DetectorConfig(auto_fusions=True).auto_candidates()) == 7
+    with pytest.raises(ValueError, match="auto_fusions"):
+        DetectorConfig(auto_fusions="yes")
 
 
 def test_grid_keeps_aspect_and_area():

@@ -165,6 +165,8 @@ class DetectorConfig:
         if unknown or not self.auto_experts:
             raise ValueError(f"auto_experts must name experts of {', '.join(SINGLE_STRATEGIES)}, got "
                              f"{list(self.auto_experts)}")
+        if not isinstance(self.auto_fusions, bool):
+            raise ValueError(f"auto_fusions must be true or false, got {self.auto_fusions!r}")
         for name in ("texture_size", "semantic_size", "eval_size"):
             if getattr(self, name) < 32:
                 raise ValueError(f"{name} must be at least 32 pixels")

@@ -116,6 +116,11 @@ def test_strategy_order():
     assert order_strategies(names) == [
         "texture", "semantic", "semantic_adapter", "fusion_add", "fusion_max",
         "fusion_weighted_sum:0.25", "fusion_weighted_sum:0.75", "auto", "preset:a", "preset:b", "oracle"]
+    pairs = ["fusion_weighted_sum:0.3:semantic+subspace", "auto", "fusion_mul:semantic+subspace", "subspace",
+             "fusion_weighted_sum:0.7", "fusion_add:semantic+subspace", "fusion_mul"]
+    assert order_strategies(pairs) == [  # the default pair's fusions first, each pair's rules in order
+        "subspace", "fusion_mul", "fusion_weighted_sum:0.7", "fusion_add:semantic+subspace",
+        "fusion_mul:semantic+subspace", "fusion_weighted_sum:0.3:semantic+subspace", "auto"]
 
 
 @pytest.fixture

@@ -39,7 +39,7 @@ from matplotlib import colormaps
 from matplotlib.figure import Figure
 from matplotlib.ticker import NullLocator
 
-from astfad.config import SINGLE_STRATEGIES
+from astfad.config import DEFAULT_PAIR, FUSION_RULES, SINGLE_STRATEGIES, experts_of, parse_strategy
 from astfad.metrics import VERDICT_KEYS
 
 __all__ = [
@@ -81,7 +81,6 @@ _VERDICT_TABLE = {"verdict_fpr": ("FPR (good images)", 1), "verdict_recall": ("R
                   "verdict_f1": ("F1", 1), "verdict_balanced_accuracy": ("Balanced accuracy", 1),
                   "mask_iou": ("Mask IoU", 1), "mask_dice": ("Mask Dice", 1),
                   "pixel_fpr": ("Pixel FPR (good images)", 2)}
-_FIXED_ORDER = (*SINGLE_STRATEGIES, "fusion_add", "fusion_mul", "fusion_max")
 _NO_VALUE = "–"
 _DPI = 120
 
@@ -265,27 +264,25 @@ def read_results(path: Path) -> list[dict[str, Any]]:
 
 # ----------------------------------------------------------------------------- statistics
 
-def _strategy_key(name: str) -> tuple[int, int, float, str]:
-    if name in _FIXED_ORDER:
-        return 0, _FIXED_ORDER.index(name), 0.0, ""
-    if name.startswith("fusion_weighted_sum:"):
+def _strategy_key(name: str) -> tuple[int, tuple[int, ...], int, float, str]:
+    """Singles in registry order; fusions by pair (the default pair first), then rule, then alpha."""
+    if name in SINGLE_STRATEGIES:
+        return 0, (SINGLE_STRATEGIES.index(name),), 0, 0.0, ""
+    if name.startswith("fusion_"):
         try:
-            alpha = float(name.partition(":")[2])
+            rule, alpha = parse_strategy(name)
+            pair = experts_of(name)
         except ValueError:
-            alpha = math.inf
-        return 1, 0, alpha, name
-    if name == "auto":
-        return 2, 0, 0.0, ""
-    if name.startswith("preset:"):
-        return 3, 0, 0.0, name
-    if name == "oracle":
-        return 5, 0, 0.0, ""
-    return 4, 0, 0.0, name
+            return 4, (), 0, 0.0, name
+        rank = () if pair == DEFAULT_PAIR else tuple(SINGLE_STRATEGIES.index(e) for e in pair)
+        return 1, rank, FUSION_RULES.index(rule), alpha or 0.0, name
+    group = {"auto": 2, "oracle": 5}.get(name, 3 if name.startswith("preset:") else 4)
+    return group, (), 0, 0.0, name if group in (3, 4) else ""
 
 
 def order_strategies(names: Iterable[str]) -> list[str]:
-    """Distinct strategy names in reading order: single experts, fusions (weighted sums by alpha),
-    auto, presets, anything else, and the oracle (an upper bound) last."""
+    """Distinct strategy names in reading order: single experts, fusions (grouped by pair, weighted
+    sums by alpha), auto, presets, anything else, and the oracle (an upper bound) last."""
     return sorted(set(names), key=_strategy_key)
 
 

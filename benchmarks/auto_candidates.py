@@ -25,8 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from astfad.config import DEFAULT_PAIR, candidate_strategies, fusion_strategies, is_fixed_strategy
 from astfad.report import read_results, read_selections
-from astfad.config import DEFAULT_PAIR, candidate_strategies, fusion_strategies
 from astfad.selection import choose_strategy
 from protocol import held_out_best
 
@@ -59,7 +59,7 @@ def replay(selection_dirs: list[Path], fixed_dirs: list[Path]) -> dict:
     fixed = defaultdict(dict)  # (category, shots, seed) -> {strategy: figures}
     for folder in fixed_dirs:
         for r in read_results(folder / "results.csv"):
-            if r["strategy"] != "auto":
+            if is_fixed_strategy(r["strategy"]):
                 fixed[(r["category"], r["shots"], r["seed"])][r["strategy"]] = tuple(r[m] for m in METRICS)
     out = defaultdict(list)
     for folder in selection_dirs:

@@ -16,6 +16,7 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
+from astfad.config import is_fixed_strategy
 from astfad.report import read_results
 
 
@@ -34,7 +35,7 @@ def main() -> None:
         auroc[(r["category"], r["shots"], r["strategy"])].append(r["image_auroc"])
     categories = sorted({r["category"] for r in rows})
     shots = sorted({r["shots"] for r in rows})
-    fixed = sorted({k[2] for k in auroc} - {"auto", "zero_shot", "oracle"})
+    fixed = sorted(s for s in {k[2] for k in auroc} if is_fixed_strategy(s))
 
     print("leave-one-category-out choice of the default (best mean image AUROC on the others):")
     for held_out in categories:

@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from astfad.config import DEFAULT_PAIR, DetectorConfig, candidate_strategies, experts_of, grid_for, parse_strategy
+from astfad.config import (DEFAULT_PAIR, DetectorConfig, candidate_strategies, experts_of, grid_for, is_fixed_strategy,
+                           parse_strategy)
 from astfad.fusion import Normaliser, fuse
 from astfad.metrics import image_auroc
 from astfad.scoring import gaussian_blur, image_scores, to_eval_grid
@@ -20,6 +21,8 @@ def test_parse_strategy():
     assert experts_of("fusion_max:texture+subspace") == ("texture", "subspace")
     assert parse_strategy("fusion_weighted_sum:0.3:subspace+semantic") == ("fusion_weighted_sum", 0.3)
     assert experts_of("fusion_weighted_sum:0.3:subspace+semantic") == ("subspace", "semantic")
+    assert all(map(is_fixed_strategy, ("semantic", "fusion_mul:semantic+subspace", "fusion_weighted_sum:0.7")))
+    assert not any(map(is_fixed_strategy, ("auto", "preset", "preset:paper", "zero_shot", "oracle")))
 
 
 def test_candidates_are_each_expert_and_every_fusion_of_each_pair():

@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 
 from astfad import __version__
 from astfad.config import (AUTO_EXPERTS, DEFAULT_PAIR, SINGLE_STRATEGIES, DetectorConfig, candidate_strategies,
-                           experts_of, fusion_strategies, grid_for, parse_strategy)
+                           experts_of, fusion_strategies, grid_for, is_fixed_strategy, parse_strategy)
 from astfad.data.datasets import Category, Sample, sample_shots, scan_dataset
 from astfad.data.images import ImageLoadError, image_size, load_image, load_mask, write_atomically
 from astfad.detector import Detector, family_of, image_key
@@ -652,7 +652,7 @@ class Benchmark:
 def oracle_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """For evaluation only: per (category, shots), the fixed strategy with the best mean image
     AUROC over seeds, chosen WITH test labels, its per-seed rows relabelled `oracle`."""
-    fixed = [r for r in rows if r["strategy"] not in ("auto", ZERO_SHOT) and not r["strategy"].startswith("preset")]
+    fixed = [r for r in rows if is_fixed_strategy(r["strategy"])]
     out = []
     for category, shots in sorted({(r["category"], r["shots"]) for r in fixed}):
         group = [r for r in fixed if r["category"] == category and r["shots"] == shots]

@@ -75,6 +75,15 @@ def parse_strategy(strategy: str) -> tuple[str, float | None]:
     return rule, alpha
 
 
+def is_fixed_strategy(name: str) -> bool:
+    """A strategy that applies experts as named, with no choice made per category: not `auto`, and
+    not a benchmark's pseudo-strategies (`preset:<name>`, `zero_shot`, `oracle`), which do not parse."""
+    try:
+        return parse_strategy(name)[0] != "auto"
+    except ValueError:
+        return False
+
+
 def experts_of(strategy: str) -> tuple[str, ...]:
     """The experts a strategy needs (for a fusion: its pair, the first weighed by alpha)."""
     return _strategy_parts(strategy)[2]

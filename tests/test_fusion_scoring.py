@@ -56,6 +56,8 @@ def test_config_round_trip_and_validation():
         DetectorConfig.from_dict({"bogus": 1})
     with pytest.raises(ValueError):
         DetectorConfig(image_score="median")
+    with pytest.raises(ValueError, match="blur_sigma"):
+        DetectorConfig(blur_sigma=-1.0)
 
 
 def test_blur_preserves_mass_and_smooths():
@@ -64,6 +66,7 @@ def test_blur_preserves_mass_and_smooths():
     y = gaussian_blur(x, 4.0)
     assert y.sum().item() == pytest.approx(1.0, abs=1e-4)
     assert y.max() < 0.02 and y[0, 32, 32] == y.max()
+    assert torch.equal(gaussian_blur(x, 0.0), x)  # the default: no smoothing
 
 
 def test_image_score_rules():

@@ -141,7 +141,9 @@ class DetectorConfig:
     adapter_views: int = 2
     # scoring protocol, shared by every strategy
     eval_size: int = 256
-    blur_sigma: float = 4.0
+    # Gaussian smoothing of the upsampled maps: none (leave-one-category-out over the ten development
+    # categories; PatchCore's sigma 4 hid small defects: benchmarks/setting_sweep.py)
+    blur_sigma: float = 0.0
     image_score: str = "top1"
     aspect_ratio: float | None = None  # width / height; None: median of the fitted images
     # normalisation and thresholds (from normal data only)
@@ -176,6 +178,8 @@ class DetectorConfig:
                              f"{list(self.auto_experts)}")
         if not isinstance(self.auto_fusions, bool):
             raise ValueError(f"auto_fusions must be true or false, got {self.auto_fusions!r}")
+        if not self.blur_sigma >= 0:
+            raise ValueError(f"blur_sigma must be >= 0 (0: no smoothing), got {self.blur_sigma}")
         for name in ("texture_size", "semantic_size", "eval_size"):
             if getattr(self, name) < 32:
                 raise ValueError(f"{name} must be at least 32 pixels")

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -29,15 +30,15 @@ import torch
 import yaml
 
 from astfad.benchmark import category_aspect, load_test_set
-from astfad.config import DetectorConfig
+from astfad.config import DetectorConfig, grid_for
 from astfad.data.datasets import sample_shots, scan_dataset
 from astfad.detector import Detector
-from astfad.metrics import evaluate
 from cached_rows import cached_rows
 from protocol import held_out_best
 
 MEASURES = ("image_auroc", "pixel_auroc", "aupro")
 PIXEL_STRIDE = 2
+GRID_SETTINGS = ("eval_size", "aspect_ratio")  # the test masks are read once, on today's grid
 
 
 def collect(data: Path, shots: list[int], seeds: list[int], strategies: list[str], setting: str,
@@ -46,11 +47,8 @@ def collect(data: Path, shots: list[int], seeds: list[int], strategies: list[str
     for category in scan_dataset(data):
         aspect = category_aspect(category)
         cache: dict = {}
-        probe = Detector(strategies[0], cache=cache, aspect_ratio=aspect)
-        probe.aspect = aspect
-        tests = load_test_set(category, probe.eval_grid(), print)
-        valid = torch.from_numpy(tests.pixel_valid)
-        masks = tests.masks[tests.pixel_valid][:, ::PIXEL_STRIDE, ::PIXEL_STRIDE]
+        tests = load_test_set(category, grid_for(DetectorConfig().eval_size, aspect, 1), print)
+        strided = replace(tests, masks=tests.masks[:, ::PIXEL_STRIDE, ::PIXEL_STRIDE])
         for k in shots:
             for seed in seeds:
                 train = [s.path for s in sample_shots(category.train, k, seed, "random")]
@@ -62,10 +60,7 @@ def collect(data: Path, shots: list[int], seeds: list[int], strategies: list[str
                     for strategy in strategies:
                         maps = det.combine(strategy, expert_maps)
                         scores = det.scores(strategy, maps, feats.get("texture")).numpy()
-                        pixel = evaluate(tests.labels[tests.pixel_valid], scores[tests.pixel_valid], masks,
-                                         maps[valid][:, ::PIXEL_STRIDE, ::PIXEL_STRIDE].numpy())
-                        metrics = {**evaluate(tests.labels, scores), "pixel_auroc": pixel["pixel_auroc"],
-                                   "aupro": pixel["aupro"]}
+                        metrics = strided.metrics(scores, maps[:, ::PIXEL_STRIDE, ::PIXEL_STRIDE].numpy())
                         rows.append({"category": category.name, "shots": k, "seed": seed, "strategy": strategy,
                                      "setting": setting, "value": value, **{m: metrics[m] for m in MEASURES}})
                 print(category.name, k, seed, flush=True)
@@ -122,6 +117,8 @@ def main() -> None:
     else:
         if not args.setting or not args.values:
             parser.error("--setting and --values are needed to collect rows (or --rows to report)")
+        if args.setting in GRID_SETTINGS:
+            parser.error(f"--setting {args.setting} changes the evaluation grid, which this sweep keeps fixed")
         rows = cached_rows(args.out, lambda: collect(args.data, args.shots, args.seeds, args.strategies,
                                                      args.setting, args.values))
     report(rows, args.baseline)

@@ -204,6 +204,23 @@ def test_cells_do_not_depend_on_the_cells_run_before(fake_backbones, dataset, tm
     same(without_times([r for r in everything if r["seed"] == 1]), without_times(alone))
 
 
+def test_what_auto_validates_never_changes_a_fixed_strategys_row(fake_backbones, dataset, tmp_path, monkeypatch):
+    """auto has a detector of its own: the image-score rule it validates applies to its row only."""
+    monkeypatch.setattr("astfad.detector.choose_image_score",
+                        lambda evidence, default: {"choice": "max", "reason": "forced", "separation": {}})
+    spec = dict(data=dataset, shots=(2,), seeds=(0,), config=FAST)
+    both = Benchmark(BenchmarkSpec(out=tmp_path / "a", strategies=("semantic", "subspace", "auto"), **spec),
+                     progress=False).run()
+    fixed = Benchmark(BenchmarkSpec(out=tmp_path / "b", strategies=("semantic", "subspace"), **spec),
+                      progress=False).run()
+    same(without_times([r for r in both if r["strategy"] != "auto"]), without_times(fixed))
+    with_max = Benchmark(BenchmarkSpec(out=tmp_path / "c", strategies=("semantic", "subspace"),
+                                       **{**spec, "config": {**FAST, "image_score": "max"}}), progress=False).run()
+    (auto,) = [r for r in both if r["strategy"] == "auto"]
+    (applied,) = [r for r in with_max if r["strategy"] == auto["applied_strategy"]]
+    assert auto["image_auroc"] == applied["image_auroc"] and auto["verdict_fpr"] == applied["verdict_fpr"]
+
+
 def test_a_results_file_of_another_format_is_refused_before_any_work(fake_backbones, dataset, tmp_path):
     out = tmp_path / "results"
     spec = BenchmarkSpec(data=dataset, out=out, shots=(1,), seeds=(0,), strategies=("texture",), config=FAST)

@@ -67,6 +67,26 @@ def test_auto_selects_with_a_report(fake_backbones, parts):
     assert image_auroc(parts["labels"], [p.score for p in det.predict(parts["test"])]) >= 0.9
 
 
+def test_auto_validates_the_image_score_rule_and_scores_with_it(fake_backbones, parts, tmp_path, monkeypatch):
+    det = Detector("auto", **FAST).fit(parts["train"])
+    assert det.selection["image_score"]["choice"] == det.image_score
+    assert set(det.selection["image_score"]["separation"]) == {"top1", "max"}
+    off = Detector("auto", auto_image_score=False, image_score="max", **FAST).fit(parts["train"])
+    assert off.image_score == "max" and off.selection["image_score"] == {}
+    assert Detector("semantic", **FAST).fit(parts["train"]).image_score == "top1"  # fixed: no validation
+    # whichever rule auto takes, its thresholds come from normal scores under that rule, and a
+    # saved model (its config carrying the rule) scores with it after loading
+    monkeypatch.setattr("astfad.detector.choose_image_score",
+                        lambda evidence, default: {"choice": "max", "reason": "forced", "separation": {}})
+    forced = Detector("auto", **FAST).fit(parts["train"])
+    fixed = Detector(forced.strategy, image_score="max", **FAST).fit(parts["train"])
+    assert forced.image_score == "max" and forced.threshold == fixed.threshold
+    assert [p.score for p in forced.predict(parts["test"])] == [p.score for p in fixed.predict(parts["test"])]
+    loaded = Detector.load(forced.save(tmp_path / "auto.safetensors"))
+    assert loaded.image_score == "max" and loaded.config.image_score == "max"
+    assert [p.score for p in loaded.predict(parts["test"])] == [p.score for p in fixed.predict(parts["test"])]
+
+
 def test_auto_validates_the_adapter_with_adapters_that_did_not_see_the_shot(fake_backbones, parts):
     for shots in (1, 4):
         det = Detector("auto", auto_experts=("texture", "semantic", "semantic_adapter"), **FAST

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 from astfad.data.synthetic import ANOMALY_KINDS
-from astfad.selection import (PAPER_PRESET, Evidence, SelectionReport, choose_strategy, load_pinned,
-                              pixel_fractions, pinned_strategy, synthetic_anomalies,
+from astfad.selection import (PAPER_PRESET, Evidence, SelectionReport, choose_image_score, choose_strategy,
+                              load_pinned, pixel_fractions, pinned_strategy, separation, synthetic_anomalies,
                               validation_terms)
 
 
@@ -111,8 +111,42 @@ def test_report_formats_the_evidence():
                              {"semantic": {"image": 0.9, "pixel": 0.9, "score": 0.9},
                               "texture": {"image": 0.8, "pixel": 0.7, "score": 0.75, "gain": -0.15,
                                           "gain_low": -0.2, "gain_high": -0.1}},
-                             {"normal": 4, "anomalous": 16, "kinds": ["blob"], "notes": ["a note"]})
+                             {"normal": 4, "anomalous": 16, "kinds": ["blob"], "notes": ["a note"]},
+                             {"choice": "max", "reason": "separates further", "separation": {"top1": 1.5, "max": 2.25}})
     text = report.format()
+    assert "image score: max (separates further; separation top1 1.50, max 2.25)" in text
     assert text.index("semantic") < text.index("texture") and "<- chosen" in text
     assert "note: a note" in text and "-0.150" in text
     assert SelectionReport.from_dict(report.to_dict()) == report
+
+
+def _maps_with(rng, count: int, spot: float = 0.0, patch: float = 0.0) -> np.ndarray:
+    """Noisy 32x32 maps, each with a one-pixel spot and/or a 6x6 patch raised by the given amounts."""
+    maps = rng.normal(0, 1, (count, 32, 32))
+    maps[:, 5, 5] += spot
+    maps[:, 20:26, 20:26] += patch
+    return maps
+
+
+def test_image_score_rule_follows_the_separation_of_the_validation():
+    rng = np.random.default_rng(0)
+    normal = _maps_with(rng, 8)
+    # defects of one hot pixel, which a top-1% mean (10 pixels here) dilutes: max separates further
+    spots = Evidence(np.zeros(8), normal, np.zeros(24), _maps_with(rng, 24, spot=12.0))
+    chosen = choose_image_score(spots, "top1")
+    assert chosen["choice"] == "max" and chosen["separation"]["max"] > chosen["separation"]["top1"]
+    assert "further than 'top1'" in chosen["reason"]
+    # broad faint defects, over which a noisy maximum wanders: the top-1% mean separates further
+    patches = Evidence(np.zeros(8), normal, np.zeros(24), _maps_with(rng, 24, patch=2.5))
+    chosen = choose_image_score(patches, "top1")
+    assert chosen["choice"] == "top1" and chosen["reason"].startswith("the default")
+    assert choose_image_score(patches, "max")["choice"] == "top1"  # a default that separates less gives way
+    same = Evidence(np.zeros(8), normal, np.zeros(8), normal)
+    assert choose_image_score(same, "max")["choice"] == "max"
+    with pytest.raises(ValueError, match="reweight"):
+        choose_image_score(spots, "reweight")
+
+
+def test_separation_is_in_units_of_the_normal_spread_and_survives_constant_scores():
+    assert separation(np.array([1.0, 3.0]), np.array([4.0, 5.0, 100.0])) == pytest.approx(3.0)
+    assert np.isfinite(separation(np.ones(4), np.full(3, 2.0)))

@@ -203,20 +203,34 @@ def _needed_experts(strategies: Sequence[str], pinned: dict[str, str], category:
     return needed
 
 
-def fit_plan(strategies: Sequence[str], pinned: dict[str, str], category: str) -> tuple[str, list[str]]:
-    """The strategy one detector is fitted with, and the further experts it fits, so that it can
-    score every few-shot strategy of a cell (auto's selection runs only when auto is benchmarked)."""
-    needed = _needed_experts([s for s in strategies if s not in ("auto", ZERO_SHOT)], pinned, category)
-    fit_strategy = "auto" if "auto" in strategies else "texture" if "texture" in needed else "semantic"
-    return fit_strategy, sorted(needed)
+@dataclass(frozen=True)
+class FitPlan:
+    """One detector a cell fits: its strategy, the further experts it fits, the rows it scores."""
+
+    strategy: str
+    also: tuple[str, ...]
+    rows: tuple[str, ...]
+
+
+def fit_plans(strategies: Sequence[str], pinned: dict[str, str], category: str) -> list[FitPlan]:
+    """The detectors of a cell: one scores every fixed strategy (and preset) from shared experts;
+    `auto` has its own, so that what it validated (its strategy, its image-score rule) never
+    changes a fixed strategy's row."""
+    fixed = tuple(s for s in strategies if s not in ("auto", ZERO_SHOT))
+    plans = []
+    if fixed:
+        needed = _needed_experts(fixed, pinned, category)
+        plans.append(FitPlan("texture" if "texture" in needed else "semantic", tuple(sorted(needed)), fixed))
+    if "auto" in strategies:
+        plans.append(FitPlan("auto", (), ("auto",)))
+    return plans
 
 
 def plan_families(strategies: Sequence[str], pinned: dict[str, str], category: str) -> list[str]:
     """The backbone families a category's detectors (and zero-shot cells: semantic) read."""
     families = {"semantic"} if ZERO_SHOT in strategies else set()
-    if strategies_at(strategies, 1):
-        fit_strategy, also = fit_plan(strategies, pinned, category)
-        families |= {family_of(e) for e in (*experts_of(fit_strategy), *also)}
+    for plan in fit_plans(strategies_at(strategies, 1), pinned, category):
+        families |= {family_of(e) for e in (*experts_of(plan.strategy), *plan.also)}
     return sorted(families)
 
 
@@ -368,16 +382,39 @@ def _cell_rows(data: CategoryData, cell: Cell
     name = job.name
     strategies = strategies_at(job.strategies, cell.shots)
     train = sample_shots(job.category.train, cell.shots, cell.seed, job.sampling)
-    fit_strategy, also = fit_plan(strategies, job.pinned, name)
-    det = Detector(fit_strategy, cache=dict(data.shot_cache), seed=cell.seed, **data.config)
-    det.fit([s.path for s in train], also=also)
-    feats = {f: data.features[f] for f in det.families("all")}
-    n = max(1, len(tests.samples))
+    feats: dict[str, torch.Tensor] = {}
+    rows, panels, selection = [], None, None
+    for plan in fit_plans(strategies, job.pinned, name):
+        det = Detector(plan.strategy, cache=dict(data.shot_cache), seed=cell.seed, **data.config)
+        det.fit([s.path for s in train], also=plan.also)
+        feats = {f: data.features[f] for f in det.families("all")}
+        expert_maps, expert_seconds = _test_maps(det, feats, max(1, len(tests.samples)))
+        rows += _strategy_rows(data, cell, det, plan.rows, train, feats, expert_maps, expert_seconds)
+        if cell.panels and (plan.strategy == "auto" or panels is None):
+            panels = _panels(data, det, expert_maps, feats)
+        if det.selection_terms is not None:
+            selection = {"choice": det.strategy, "terms": {n: {k: v.tolist() for k, v in term.items()}
+                                                           for n, term in det.selection_terms.items()}}
+    return rows, panels, selection
+
+
+def _test_maps(det: Detector, feats: dict[str, torch.Tensor], n: int
+               ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """Each fitted expert's maps of the test set, and its seconds per image."""
     expert_maps, expert_seconds = {}, {}
     for expert in det.experts:
         start = time.perf_counter()
         expert_maps[expert] = det.expert_maps(feats, experts=[expert])[expert]
         expert_seconds[expert] = (time.perf_counter() - start) / n
+    return expert_maps, expert_seconds
+
+
+def _strategy_rows(data: CategoryData, cell: Cell, det: Detector, strategies: Sequence[str], train: Sequence[Sample],
+                   feats: dict[str, torch.Tensor], expert_maps: dict[str, torch.Tensor],
+                   expert_seconds: dict[str, float]) -> list[dict[str, Any]]:
+    """The result rows of the strategies one fitted detector scores."""
+    job, tests, name = data.job, data.tests, data.job.name
+    n = max(1, len(tests.samples))
     # the shots' backbone passes were made once for the category: count them as a cold fit would
     fit_seconds = det.fit_seconds + len(train) * sum(data.feature_seconds[f] for f in feats)
     shot_files = ";".join(s.path.name for s in train)
@@ -397,12 +434,7 @@ def _cell_rows(data: CategoryData, cell: Cell
                **tests.verdicts(scores_np, maps_np, *strategy_thresholds(det, applied)),
                "fit_seconds": fit_seconds, "predict_seconds_per_image": per_image, "shot_files": shot_files}
         rows.append({k: row[k] for k in RESULT_COLUMNS})
-    panels = _panels(data, det, expert_maps, feats) if cell.panels else None
-    selection = None
-    if det.selection_terms is not None:
-        selection = {"choice": det.strategy, "terms": {name: {k: v.tolist() for k, v in term.items()}
-                                                       for name, term in det.selection_terms.items()}}
-    return rows, panels, selection
+    return rows
 
 
 def _zero_shot_rows(data: CategoryData, cell: Cell) -> list[dict[str, Any]]:

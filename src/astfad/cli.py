@@ -220,7 +220,7 @@ def fit(train: tuple[str, ...], shots: int | None, seed: int, sampling: str, set
     if det.selection:
         click.echo(SelectionReport.from_dict(det.selection).format())
     det.save(out, overwrite=force, keep_candidates=keep_candidates)
-    click.echo(f"strategy {det.strategy}, image threshold {det.threshold:.4g}, "
+    click.echo(f"strategy {det.strategy} (image score {det.image_score}), image threshold {det.threshold:.4g}, "
                f"fitted in {det.fit_seconds:.1f} s -> {out}")
 
 

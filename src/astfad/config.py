@@ -114,6 +114,9 @@ class DetectorConfig:
     seed: int = 0
     auto_experts: tuple[str, ...] = AUTO_EXPERTS
     auto_fusions: bool = False  # also validate the fusions of each pair of auto_experts
+    # auto also validates the image-score rule (image_score, or the other of top1 / max) on its
+    # chosen candidate (selection.choose_image_score)
+    auto_image_score: bool = True
     device: str = "auto"
     # how backbones run: "torch", "onnxruntime" or "auto" (the fastest measured at no accuracy loss)
     runtime: str = "torch"
@@ -176,8 +179,9 @@ class DetectorConfig:
         if unknown or not self.auto_experts:
             raise ValueError(f"auto_experts must name experts of {', '.join(SINGLE_STRATEGIES)}, got "
                              f"{list(self.auto_experts)}")
-        if not isinstance(self.auto_fusions, bool):
-            raise ValueError(f"auto_fusions must be true or false, got {self.auto_fusions!r}")
+        for name in ("auto_fusions", "auto_image_score"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if not self.blur_sigma >= 0:
             raise ValueError(f"blur_sigma must be >= 0 (0: no smoothing), got {self.blur_sigma}")
         for name in ("texture_size", "semantic_size", "eval_size"):

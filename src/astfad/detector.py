@@ -40,9 +40,9 @@ from astfad.features import FeatureCache, Featurizer, resolve_device, semantic_r
 from astfad.fusion import Normaliser, fuse
 from astfad.modelfile import ModelFileError, read_model_file, write_model_file
 from astfad.scoring import image_scores, mask_to_grid, to_eval_grid, to_image_size
-from astfad.selection import (DEFAULT_STRATEGY, MAX_ANOMALOUS_IMAGES, MIN_ANOMALOUS_IMAGES, Evidence,
-                              SelectionReport, choose_strategy, labels_to_grid, synthetic_anomalies,
-                              validation_terms)
+from astfad.selection import (DEFAULT_STRATEGY, MAP_SCORE_RULES, MAX_ANOMALOUS_IMAGES, MIN_ANOMALOUS_IMAGES,
+                              Evidence, SelectionReport, choose_image_score, choose_strategy, labels_to_grid,
+                              synthetic_anomalies, validation_terms)
 from astfad.thresholds import ThresholdModel
 
 FORMAT_VERSION = 2  # 2: threshold models, target false-positive rates
@@ -138,6 +138,7 @@ class Detector:
         self.aspect: float | None = None
         self.shots: list[str] = []
         self.strategy: str | None = None  # the applied strategy (auto's choice, or the given one)
+        self.image_score: str = self.config.image_score  # the rule in use (auto may validate another)
         self.threshold: float | None = None
         self.pixel_threshold: float | None = None
         self.threshold_models: dict[str, ThresholdModel] = {}
@@ -203,6 +204,7 @@ class Detector:
         self.experts, self.normalisers, self.selection, self.adapter_stats = {}, {}, None, {}
         self.selection_terms = None
         self.threshold_models = {}
+        self.image_score = cfg.image_score
         self.shots = [k if k is not None else f"<array {i}>" for i, k in enumerate(keys)]
         self.aspect = cfg.aspect_ratio or statistics.median(a.shape[1] / a.shape[0] for a in arrays)
         torch.manual_seed(cfg.seed)
@@ -234,6 +236,9 @@ class Detector:
                 normal, exclusions, normal_maps, {c: normal_scores[c] for c in validated},
                 {n: m for n, m in held_out.items() if n in cfg.auto_experts}).to_dict()
             self.strategy = self.selection["choice"]
+            if self.image_score != cfg.image_score:  # normal scores with the rule auto validated
+                normal_scores = {c: self.scores(c, self.combine(c, normal_maps), normal.features.get("texture"),
+                                                exclusions.get("texture")) for c in candidates}
         else:
             self.strategy = cfg.strategy
             if self.strategy not in normal_scores:  # e.g. fusion_weighted_sum with another alpha
@@ -404,7 +409,11 @@ class Detector:
         validation = {"normal": len(normal.images), "anomalous": len(images), "kinds": kinds,
                       "single_shot_regions": len(self.shots) == 1}
         self.selection_terms = validation_terms(evidence, true_masks)
-        return choose_strategy(self.selection_terms, DEFAULT_STRATEGY, cfg.seed, notes, validation)
+        report = choose_strategy(self.selection_terms, DEFAULT_STRATEGY, cfg.seed, notes, validation)
+        if cfg.auto_image_score and cfg.image_score in MAP_SCORE_RULES:
+            report.image_score = choose_image_score(evidence[report.choice], cfg.image_score)
+            self.image_score = report.image_score["choice"]
+        return report
 
     def _move_banks(self) -> None:
         if self.device.type != "cpu":
@@ -500,11 +509,12 @@ class Detector:
 
     def scores(self, strategy: str, maps: torch.Tensor, texture_feats: torch.Tensor | None = None,
                exclude: Exclusions = None) -> torch.Tensor:
-        """Image scores with the configured rule (PatchCore's reweighting for `reweight`, with the
-        same exclusions as the maps so normal and test scores share one scale)."""
-        if self.config.image_score == "reweight" and strategy == "texture":
+        """Image scores with the detector's rule (`image_score`, or the one auto validated;
+        PatchCore's reweighting for `reweight`, with the same exclusions as the maps so normal and
+        test scores share one scale)."""
+        if self.image_score == "reweight" and strategy == "texture":
             return self.experts["texture"].reweighted_scores(texture_feats, exclude)
-        return image_scores(maps, self.config.image_score)
+        return image_scores(maps, self.image_score)
 
     def families(self, strategy: str | None = None) -> list[str]:
         names = experts_of(strategy or self.strategy) if strategy != "all" else tuple(self.experts)
@@ -573,7 +583,9 @@ class Detector:
 
     # ---------------------------------------------------------------- persistence
     def metadata(self) -> dict[str, Any]:
-        return {"format": FORMAT_VERSION, "astfad_version": __version__, "config": self.config.to_dict(),
+        # the config as it scores: with the image-score rule auto validated (any reader applies it)
+        config = {**self.config.to_dict(), "image_score": self.image_score}
+        return {"format": FORMAT_VERSION, "astfad_version": __version__, "config": config,
                 "strategy": self.strategy, "aspect": self.aspect, "shots": self.shots,
                 "backbones": {f: z.backbone.backbone_id for f, z in self.featurizers.items()}, "experts": sorted(self.experts),
                 "normalisers": {k: v.to_list() for k, v in self.normalisers.items()},

@@ -60,7 +60,7 @@ class DetectorGraph(nn.Module):
         super().__init__()
         if detector.strategy is None:
             raise ValueError("the detector is not fitted: fit or load one before exporting")
-        if detector.config.image_score == "reweight" and detector.strategy == "texture":
+        if detector.image_score == "reweight" and detector.strategy == "texture":
             raise ValueError("image_score 'reweight' cannot be exported; refit with 'top1' or 'max'")
         self.detector = detector
         self.families = detector.families()
@@ -95,7 +95,7 @@ class DetectorGraph(nn.Module):
         feats = {f: self.readers[f](x) for f, x in zip(self.families, images)}
         maps = {name: self.expert_map(name, feats[family_of(name)]) for name in self.experts}
         applied = self.detector.combine(self.detector.strategy, maps)
-        return applied, image_scores(applied, self.detector.config.image_score)
+        return applied, image_scores(applied, self.detector.image_score)
 
 
 def _normalisation(backbone: nn.Module) -> dict[str, Any]:
@@ -128,7 +128,7 @@ def describe(detector: Detector, graph_name: str) -> dict[str, Any]:
             "fusion": rule.startswith("fusion"), "inputs": inputs,
             "outputs": {"anomaly_map": ["batch", eval_h, eval_w], "score": ["batch"]},
             "eval_grid": [eval_h, eval_w], "blur_sigma": detector.config.blur_sigma,
-            "image_score": detector.config.image_score,
+            "image_score": detector.image_score,
             "threshold": detector.threshold, "pixel_threshold": detector.pixel_threshold,
             "postprocess": "resize anomaly_map bilinearly (align_corners=False) to the image's own "
                            "size; mask = map > pixel_threshold; anomalous = score > threshold"}

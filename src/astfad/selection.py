@@ -23,6 +23,13 @@ resamples of the anomalous and of the normal images, C the number of challengers
 seven challengers at 5% each, a third of the categories would switch on noise alone); among those
 that do, the highest mean wins. Validation noise thus decides nothing: the report says when the
 default was kept for lack of evidence.
+
+The image-score rule is validated on the chosen candidate's evidence too (`choose_image_score`):
+the map's largest pixel (`max`) instead of its top-1% mean (`top1`) where that separates the
+synthetic anomalies from the normal images further, in units of the normal scores' spread. Small
+defects on busy parts (pcb) are one hot spot diluted by a top-1% mean; elsewhere the mean is
+steadier. The separation does not saturate as the image AUROC of 12-24 easy anomalies does.
+Leave-one-category-out over the ten development categories adopted it (benchmarks/README.md).
 """
 
 from __future__ import annotations
@@ -33,10 +40,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from astfad.config import parse_strategy
 from astfad.data.synthetic import ANOMALY_KINDS, random_anomaly
-from astfad.scoring import mask_to_grid
+from astfad.scoring import image_scores, mask_to_grid
 
 DEFAULT_STRATEGY = "semantic"
 BOOTSTRAP_RESAMPLES = 2000
@@ -46,6 +54,7 @@ MIN_ANOMALOUS_IMAGES = 12
 MAX_ANOMALOUS_IMAGES = 24
 ANOMALIES_PER_IMAGE = 2
 REDUCED_CONTRAST = (0.35, 0.7)
+MAP_SCORE_RULES = ("top1", "max")  # the image-score rules computed from the maps alone
 
 # The seed paper's hand-made table for MVTec AD (read off its test set); `paper` reproduces it.
 PAPER_PRESET: dict[str, str] = {
@@ -76,6 +85,8 @@ class SelectionReport:
     reason: str
     scores: dict[str, dict[str, float]]
     validation: dict[str, Any] = field(default_factory=dict)
+    # the image-score rule validated on the chosen candidate: {"choice", "reason", "separation"}
+    image_score: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -96,6 +107,10 @@ class SelectionReport:
                      f"anomalies ({', '.join(v.get('kinds', []))})")
         lines += [f"note: {note}" for note in v.get("notes", [])]
         lines.append(f"choice: {self.choice} ({self.reason})")
+        if self.image_score:
+            separation = ", ".join(f"{rule} {value:.2f}" for rule, value in self.image_score["separation"].items())
+            lines.append(f"image score: {self.image_score['choice']} ({self.image_score['reason']}; "
+                         f"separation {separation})")
         return "\n".join(lines)
 
 
@@ -234,6 +249,34 @@ def choose_strategy(terms: dict[str, dict[str, np.ndarray]], default: str = DEFA
                   + (f" (best mean: {best}, {scores[best]['score']:.3f} vs {scores[default]['score']:.3f})"
                      if best != default else ""))
     return SelectionReport(choice, reason, scores, {**(validation or {}), "notes": list(notes or [])})
+
+
+def separation(normal_scores: np.ndarray, anomalous_scores: np.ndarray) -> float:
+    """How far the typical anomalous image scores above the normal ones, in units of the normal
+    scores' spread: (median anomalous - mean normal) / std normal. The median, because half the
+    validation anomalies are faint; the spread is floored so that identical normal scores (a
+    constant map) cannot divide by zero."""
+    normal = np.asarray(normal_scores, float)
+    spread = max(float(normal.std()), 1e-9 * max(1.0, float(np.abs(normal).max())))
+    return float((np.median(anomalous_scores) - normal.mean()) / spread)
+
+
+def choose_image_score(evidence: Evidence, default: str) -> dict[str, Any]:
+    """The image-score rule of MAP_SCORE_RULES whose scores separate `evidence`'s anomalous
+    images furthest from its normal ones (module doc); `default` unless another does strictly
+    better. Returns {"choice", "reason", "separation": rule -> separation}."""
+    if default not in MAP_SCORE_RULES:
+        raise ValueError(f"image-score rule '{default}' is not one of {MAP_SCORE_RULES}")
+    normal, anomalous = (torch.from_numpy(np.ascontiguousarray(m)) for m in (evidence.normal_maps,
+                                                                              evidence.anomalous_maps))
+    values = {rule: separation(image_scores(normal, rule).numpy(), image_scores(anomalous, rule).numpy())
+              for rule in MAP_SCORE_RULES}
+    best = max(values, key=lambda rule: (values[rule], rule == default))
+    if best == default:
+        reason = "the default: no rule separates the validation anomalies further"
+    else:
+        reason = f"separates the validation anomalies further than '{default}'"
+    return {"choice": best, "reason": reason, "separation": values}
 
 
 def load_pinned(spec: str | Path | None) -> dict[str, str]:

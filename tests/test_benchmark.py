@@ -17,6 +17,7 @@ from astfad.benchmark import Benchmark, BenchmarkSpec
 from astfad.cli import main
 from astfad.data.datasets import sample_shots, scan_dataset
 from astfad.data.synthetic import generate_synthetic_dataset
+from astfad.detector import Detector
 from astfad.metrics import VERDICT_KEYS, verdict_metrics
 from astfad.report import VERDICT_COLUMNS, read_failures, read_results, read_selections
 from astfad.selection import choose_strategy
@@ -208,9 +209,14 @@ def test_what_auto_validates_never_changes_a_fixed_strategys_row(fake_backbones,
     """auto has a detector of its own: the image-score rule it validates applies to its row only."""
     monkeypatch.setattr("astfad.detector.choose_image_score",
                         lambda evidence, default: {"choice": "max", "reason": "forced", "separation": {}})
+    searched = []  # the test set's maps per expert: auto's detector reuses those of equal experts
+    original = Detector.expert_maps
+    monkeypatch.setattr(Detector, "expert_maps", lambda self, feats, exclude=None, experts=None, **kw: (
+        searched.extend(experts or []), original(self, feats, exclude, experts, **kw))[1])
     spec = dict(data=dataset, shots=(2,), seeds=(0,), config=FAST)
     both = Benchmark(BenchmarkSpec(out=tmp_path / "a", strategies=("semantic", "subspace", "auto"), **spec),
                      progress=False).run()
+    assert sorted(searched) == ["semantic", "subspace"]
     fixed = Benchmark(BenchmarkSpec(out=tmp_path / "b", strategies=("semantic", "subspace"), **spec),
                       progress=False).run()
     same(without_times([r for r in both if r["strategy"] != "auto"]), without_times(fixed))

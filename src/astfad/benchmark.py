@@ -382,13 +382,13 @@ def _cell_rows(data: CategoryData, cell: Cell
     name = job.name
     strategies = strategies_at(job.strategies, cell.shots)
     train = sample_shots(job.category.train, cell.shots, cell.seed, job.sampling)
-    feats: dict[str, torch.Tensor] = {}
     rows, panels, selection = [], None, None
+    mapped: dict[str, TestMaps] = {}
     for plan in fit_plans(strategies, job.pinned, name):
         det = Detector(plan.strategy, cache=dict(data.shot_cache), seed=cell.seed, **data.config)
         det.fit([s.path for s in train], also=plan.also)
         feats = {f: data.features[f] for f in det.families("all")}
-        expert_maps, expert_seconds = _test_maps(det, feats, max(1, len(tests.samples)))
+        expert_maps, expert_seconds = _test_maps(det, feats, max(1, len(tests.samples)), mapped)
         rows += _strategy_rows(data, cell, det, plan.rows, train, feats, expert_maps, expert_seconds)
         if cell.panels and (plan.strategy == "auto" or panels is None):
             panels = _panels(data, det, expert_maps, feats)
@@ -398,14 +398,30 @@ def _cell_rows(data: CategoryData, cell: Cell
     return rows, panels, selection
 
 
-def _test_maps(det: Detector, feats: dict[str, torch.Tensor], n: int
+@dataclass
+class TestMaps:
+    """An expert's test-set maps, the fitted tensors that made them and their seconds per image."""
+
+    tensors: dict[str, torch.Tensor]
+    maps: torch.Tensor
+    seconds: float
+
+
+def _test_maps(det: Detector, feats: dict[str, torch.Tensor], n: int, mapped: dict[str, TestMaps]
                ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-    """Each fitted expert's maps of the test set, and its seconds per image."""
+    """Each fitted expert's maps of the test set and its seconds per image. An expert that an
+    earlier detector of the cell fitted to the same tensors (its saved state: the same maps under
+    the cell's one config) reuses that one's maps: auto's detector searches no bank twice."""
     expert_maps, expert_seconds = {}, {}
     for expert in det.experts:
-        start = time.perf_counter()
-        expert_maps[expert] = det.expert_maps(feats, experts=[expert])[expert]
-        expert_seconds[expert] = (time.perf_counter() - start) / n
+        tensors = det.experts[expert].tensors()
+        known = mapped.get(expert)
+        if known is None or known.tensors.keys() != tensors.keys() or \
+                not all(torch.equal(known.tensors[k], t) for k, t in tensors.items()):
+            start = time.perf_counter()
+            maps = det.expert_maps(feats, experts=[expert])[expert]
+            known = mapped[expert] = TestMaps(tensors, maps, (time.perf_counter() - start) / n)
+        expert_maps[expert], expert_seconds[expert] = known.maps, known.seconds
     return expert_maps, expert_seconds
 
 

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from astfad.benchmark import category_aspect, load_test_set
+from astfad.config import DetectorConfig, grid_for
 from astfad.data.datasets import sample_shots, scan_dataset
 from astfad.detector import Detector
 from astfad.metrics import evaluate
@@ -75,9 +76,7 @@ def collect(data: Path, shots: list[int], seeds: list[int], strategy: str) -> li
     for category in scan_dataset(data):
         aspect = category_aspect(category)
         cache: dict = {}
-        probe = Detector(strategy, cache=cache, aspect_ratio=aspect)
-        probe.aspect = aspect
-        tests = load_test_set(category, probe.eval_grid(), print)
+        tests = load_test_set(category, grid_for(DetectorConfig().eval_size, aspect, 1), print)
         for k in shots:
             for seed in seeds:
                 train = [s.path for s in sample_shots(category.train, k, seed, "random")]

@@ -384,13 +384,14 @@ def _cell_rows(data: CategoryData, cell: Cell
     train = sample_shots(job.category.train, cell.shots, cell.seed, job.sampling)
     rows, panels, selection = [], None, None
     mapped: dict[str, TestMaps] = {}
-    for plan in fit_plans(strategies, job.pinned, name):
+    plans = fit_plans(strategies, job.pinned, name)
+    for plan in plans:
         det = Detector(plan.strategy, cache=dict(data.shot_cache), seed=cell.seed, **data.config)
         det.fit([s.path for s in train], also=plan.also)
         feats = {f: data.features[f] for f in det.families("all")}
         expert_maps, expert_seconds = _test_maps(det, feats, max(1, len(tests.samples)), mapped)
         rows += _strategy_rows(data, cell, det, plan.rows, train, feats, expert_maps, expert_seconds)
-        if cell.panels and (plan.strategy == "auto" or panels is None):
+        if cell.panels and plan is plans[-1]:  # auto's, when it runs: the panels show what it applied
             panels = _panels(data, det, expert_maps, feats)
         if det.selection_terms is not None:
             selection = {"choice": det.strategy, "terms": {n: {k: v.tolist() for k, v in term.items()}

@@ -228,8 +228,13 @@ class Detector:
             normal_maps[name] = maps(normal.features[family], exclusions[family])
         self.normalisers = {name: Normaliser.fit(m, cfg.normaliser) for name, m in normal_maps.items()}
         candidates = candidate_strategies(normal_maps)
-        normal_scores = {c: self.scores(c, self.combine(c, normal_maps), normal.features.get("texture"),
-                                        exclusions.get("texture")) for c in candidates}
+
+        def normal_scores_of(strategies: Sequence[str]) -> dict[str, torch.Tensor]:
+            """Each strategy's scores of the normal set under the detector's current rule."""
+            return {c: self.scores(c, self.combine(c, normal_maps), normal.features.get("texture"),
+                                   exclusions.get("texture")) for c in strategies}
+
+        normal_scores = normal_scores_of(candidates)
         if auto:  # experts fitted only for `also` (a benchmark's fixed strategies) are not candidates
             validated = cfg.auto_candidates()
             self.selection = self._select(
@@ -237,14 +242,11 @@ class Detector:
                 {n: m for n, m in held_out.items() if n in cfg.auto_experts}).to_dict()
             self.strategy = self.selection["choice"]
             if self.image_score != cfg.image_score:  # normal scores with the rule auto validated
-                normal_scores = {c: self.scores(c, self.combine(c, normal_maps), normal.features.get("texture"),
-                                                exclusions.get("texture")) for c in candidates}
+                normal_scores = normal_scores_of(candidates)
         else:
             self.strategy = cfg.strategy
             if self.strategy not in normal_scores:  # e.g. fusion_weighted_sum with another alpha
-                normal_scores[self.strategy] = self.scores(
-                    self.strategy, self.combine(self.strategy, normal_maps), normal.features.get("texture"),
-                    exclusions.get("texture"))
+                normal_scores |= normal_scores_of([self.strategy])
         for spec in specs:  # a trained expert is trained on every shot only when it will be used
             if spec.trained and (spec.name in experts_of(self.strategy) or spec.name in also):
                 self.experts[spec.name] = self._fitted(spec, normal, references)

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from astfad.benchmark import category_aspect, load_test_set
-from astfad.config import DetectorConfig, grid_for
+from astfad.config import DetectorConfig
 from astfad.data.datasets import sample_shots, scan_dataset
 from astfad.detector import Detector
 from astfad.metrics import evaluate
@@ -76,7 +76,7 @@ def collect(data: Path, shots: list[int], seeds: list[int], strategy: str) -> li
     for category in scan_dataset(data):
         aspect = category_aspect(category)
         cache: dict = {}
-        tests = load_test_set(category, grid_for(DetectorConfig().eval_size, aspect, 1), print)
+        tests = load_test_set(category, DetectorConfig().eval_grid(aspect), print)
         for k in shots:
             for seed in seeds:
                 train = [s.path for s in sample_shots(category.train, k, seed, "random")]

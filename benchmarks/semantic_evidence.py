@@ -29,7 +29,7 @@ import torch
 
 from astfad.backbones import load_backbone
 from astfad.benchmark import category_aspect, load_test_set
-from astfad.config import grid_for
+from astfad.config import DetectorConfig
 from astfad.data.datasets import sample_shots, scan_dataset
 from astfad.data.images import load_image
 from astfad.data.views import rotate
@@ -83,7 +83,7 @@ def collect(data: Path, size: int, shots: list[int], seeds: list[int], sets: lis
     for root in sorted(p for p in data.iterdir() if p.is_dir()):
         for category in scan_dataset(root):
             aspect = category_aspect(category)
-            grid = grid_for(256, aspect, 1)
+            grid = DetectorConfig().eval_grid(aspect)
             tests = load_test_set(category, grid, print)
             keep = subsample(tests.labels, [s.defect_type for s in tests.samples], per_type)
             subset = dataclasses.replace(tests, samples=[tests.samples[i] for i in keep], images=[],

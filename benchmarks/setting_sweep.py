@@ -30,7 +30,7 @@ import torch
 import yaml
 
 from astfad.benchmark import category_aspect, load_test_set
-from astfad.config import DetectorConfig, grid_for
+from astfad.config import DetectorConfig
 from astfad.data.datasets import sample_shots, scan_dataset
 from astfad.detector import Detector
 from cached_rows import cached_rows
@@ -47,7 +47,7 @@ def collect(data: Path, shots: list[int], seeds: list[int], strategies: list[str
     for category in scan_dataset(data):
         aspect = category_aspect(category)
         cache: dict = {}
-        tests = load_test_set(category, grid_for(DetectorConfig().eval_size, aspect, 1), print)
+        tests = load_test_set(category, DetectorConfig().eval_grid(aspect), print)
         strided = replace(tests, masks=tests.masks[:, ::PIXEL_STRIDE, ::PIXEL_STRIDE])
         for k in shots:
             for seed in seeds:

@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 
 from astfad import __version__
 from astfad.config import (AUTO_EXPERTS, DEFAULT_PAIR, SINGLE_STRATEGIES, DetectorConfig, candidate_strategies,
-                           experts_of, fusion_strategies, grid_for, is_fixed_strategy, parse_strategy)
+                           experts_of, fusion_strategies, is_fixed_strategy, parse_strategy)
 from astfad.data.datasets import Category, Sample, sample_shots, scan_dataset
 from astfad.data.images import ImageLoadError, image_size, load_image, load_mask, write_atomically
 from astfad.detector import Detector, family_of, image_key
@@ -333,7 +333,7 @@ def prepare_category(job: CategoryJob) -> tuple[list[str], CategoryData]:
     category = job.category
     aspect = category_aspect(category)
     config = {**job.config, "aspect_ratio": aspect}
-    grid = grid_for(DetectorConfig(**config).eval_size, aspect, 1)
+    grid = DetectorConfig(**config).eval_grid(aspect)
     tests = load_test_set(category, grid, lambda m: messages.append(m))
     if not tests.samples:
         raise ValueError(f"no readable test image in category '{category.name}'")
@@ -461,7 +461,7 @@ def _zero_shot_rows(data: CategoryData, cell: Cell) -> list[dict[str, Any]]:
     scores (one distance scale); the verdicts apply each batch's own thresholds to its images."""
     tests = data.tests
     config = DetectorConfig(**{**data.config, "seed": cell.seed})
-    grid = grid_for(config.eval_size, config.aspect_ratio, 1)  # the grid the test masks are on
+    grid = config.eval_grid(config.aspect_ratio)  # the grid the test masks are on
     features = data.features["semantic"]
     n = len(tests.samples)
     maps, scores = torch.empty(n, *grid), torch.empty(n)

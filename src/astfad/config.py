@@ -158,6 +158,11 @@ class DetectorConfig:
     # selection
     pinned: dict[str, str] = field(default_factory=dict)
 
+    def eval_grid(self, aspect: float) -> tuple[int, int]:
+        """(height, width) of the evaluation grid at width / height `aspect`: the pixel count of an
+        eval_size square, in one-pixel steps (maps, masks and metrics all live on it)."""
+        return grid_for(self.eval_size, aspect, 1)
+
     def auto_candidates(self) -> tuple[str, ...]:
         """The strategies `auto` validates."""
         names = candidate_strategies(self.auto_experts)

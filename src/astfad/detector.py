@@ -27,7 +27,7 @@ from PIL import Image
 
 from astfad import __version__
 from astfad.backbones import available_offline, default_weights_url, load_backbone
-from astfad.config import (AUTO_EXPERTS, AUTO_EXPERTS_WHY, DetectorConfig, candidate_strategies, experts_of, grid_for,
+from astfad.config import (AUTO_EXPERTS, AUTO_EXPERTS_WHY, DetectorConfig, candidate_strategies, experts_of,
                            parse_strategy)
 from astfad.data.images import load_image
 from astfad.data.synthetic import ANOMALY_KINDS, random_anomaly
@@ -182,7 +182,7 @@ class Detector:
         return self.aspect
 
     def eval_grid(self) -> tuple[int, int]:
-        return grid_for(self.config.eval_size, self._aspect(), 1)
+        return self.config.eval_grid(self._aspect())
 
     # ---------------------------------------------------------------- fitting
     @staticmethod

@@ -55,8 +55,7 @@ def collect(data: Path, shots: list[int], seeds: list[int], strategies: list[str
                 for value in values:
                     det = Detector(strategies[0], cache=cache, aspect_ratio=aspect, seed=seed, **{setting: value})
                     det.fit(train, also=strategies[1:])
-                    feats = det.extract(tests.images, tests.keys, "all")
-                    expert_maps = det.expert_maps(feats)
+                    feats, expert_maps = det.maps_of(tests.images, tests.keys, "all")
                     for strategy in strategies:
                         maps = det.combine(strategy, expert_maps)
                         scores = det.scores(strategy, maps, feats.get("texture")).numpy()

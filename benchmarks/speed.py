@@ -117,8 +117,9 @@ def child_predict(args: argparse.Namespace) -> dict:
     def timed(arrays: list) -> tuple[float, float]:
         t0 = time.perf_counter()
         feats = det.extract(arrays)
+        mirrors = det.mirrors(arrays, None, list(feats))
         t1 = time.perf_counter()
-        maps = det.combine(det.strategy, det.expert_maps(feats, experts=experts))
+        maps = det.combine(det.strategy, det.expert_maps(feats, experts=experts, mirrors=mirrors))
         det.scores(det.strategy, maps, feats.get("texture"))
         return t1 - t0, time.perf_counter() - t1
 

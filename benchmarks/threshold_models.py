@@ -55,8 +55,7 @@ def collect(data: Path, shots: list[int], seeds: list[int], max_test: int) -> li
 
                 det._fit_thresholds = spy
                 det.fit([s.path for s in train])
-                feats = det.extract(images, keys, "all")
-                maps = det.expert_maps(feats)
+                feats, maps = det.maps_of(images, keys, "all")
                 for strategy in STRATEGIES:
                     scores = det.scores(strategy, det.combine(strategy, maps), feats.get("texture"))
                     rows.append({"category": category.name, "shots": k, "seed": seed, "strategy": strategy,

@@ -282,6 +282,7 @@ class CategoryData:
     config: dict[str, Any]  # the job's config with the category's aspect ratio
     tests: TestSet  # without decoded images: a cell that draws panels reloads its few
     features: dict[str, torch.Tensor]  # family -> (N, C, h, w) features of the test images
+    mirrors: dict[str, torch.Tensor] | None  # with test_flip: those of their mirror images (Detector.mirrors)
     shot_cache: FeatureCache  # features of every shot any cell samples
     feature_seconds: dict[str, float]  # family -> backbone seconds per image (uncached)
 
@@ -306,19 +307,23 @@ def failed_cell(job: CategoryJob, cell: Cell, error: str, detail: str = "") -> C
 
 
 def _extract(det: Detector, images: Sequence[np.ndarray], keys: Sequence[str], families: Sequence[str],
-             progress: bool) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-    """Features of every family, in chunks; with the backbone seconds per image."""
-    out, seconds = {}, {}
+             progress: bool) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None, dict[str, float]]:
+    """Features of every family and, with test_flip, of the mirror images, in chunks; with the
+    backbone seconds per image (both passes)."""
+    out, mirrored, seconds = {}, {}, {}
     for family in families:
         start = time.perf_counter()
-        chunks = []
+        chunks, mirror_chunks = [], []
         for i in tqdm(range(0, len(images), EXTRACT_CHUNK), desc=f"{family} features", unit="batch",
                       leave=False, disable=not progress):
             sl = slice(i, i + EXTRACT_CHUNK)
             chunks.append(det.features(family, images[sl], keys[sl]))
+            mirror_chunks += (det.mirrors(images[sl], keys[sl], [family]) or {}).values()
         out[family] = torch.cat(chunks)
+        if mirror_chunks:
+            mirrored[family] = torch.cat(mirror_chunks)
         seconds[family] = (time.perf_counter() - start) / max(1, len(images))
-    return out, seconds
+    return out, mirrored or None, seconds
 
 
 def prepare_category(job: CategoryJob) -> tuple[list[str], CategoryData]:
@@ -347,7 +352,7 @@ def prepare_category(job: CategoryJob) -> tuple[list[str], CategoryData]:
         if job.backbones.get(family, found) != found:
             raise RuntimeError(f"this worker loads backbone {found}, the driver {job.backbones[family]}: "
                                "install the same weights on every node")
-    features, seconds = _extract(det, tests.images, tests.keys, families, job.progress)
+    features, mirrors, seconds = _extract(det, tests.images, tests.keys, families, job.progress)
     det.cache.clear()  # the cells take test features from `features`; the cache keeps the shots'
     shots = sorted({s.path for cell in job.cells if cell.shots
                     for s in sample_shots(category.train, cell.shots, cell.seed, job.sampling)}, key=str)
@@ -360,7 +365,7 @@ def prepare_category(job: CategoryJob) -> tuple[list[str], CategoryData]:
             continue  # the cells sampling it fail with the loader's message
     if arrays:
         _extract(det, arrays, keys, families, False)
-    data = CategoryData(job, config, replace(tests, images=[]), features, det.cache, seconds)
+    data = CategoryData(job, config, replace(tests, images=[]), features, mirrors, det.cache, seconds)
     return messages, data
 
 
@@ -389,7 +394,7 @@ def _cell_rows(data: CategoryData, cell: Cell
         det = Detector(plan.strategy, cache=dict(data.shot_cache), seed=cell.seed, **data.config)
         det.fit([s.path for s in train], also=plan.also)
         feats = {f: data.features[f] for f in det.families("all")}
-        expert_maps, expert_seconds = _test_maps(det, feats, max(1, len(tests.samples)), mapped)
+        expert_maps, expert_seconds = _test_maps(det, feats, data.mirrors, max(1, len(tests.samples)), mapped)
         rows += _strategy_rows(data, cell, det, plan.rows, train, feats, expert_maps, expert_seconds)
         if cell.panels and plan is plans[-1]:  # auto's, when it runs: the panels show what it applied
             panels = _panels(data, det, expert_maps, feats)
@@ -408,8 +413,8 @@ class TestMaps:
     seconds: float
 
 
-def _test_maps(det: Detector, feats: dict[str, torch.Tensor], n: int, mapped: dict[str, TestMaps]
-               ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+def _test_maps(det: Detector, feats: dict[str, torch.Tensor], mirrors: dict[str, torch.Tensor] | None, n: int,
+               mapped: dict[str, TestMaps]) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """Each fitted expert's maps of the test set and its seconds per image. An expert that an
     earlier detector of the cell fitted to the same tensors (its saved state: the same maps under
     the cell's one config) reuses that one's maps: auto's detector searches no bank twice."""
@@ -420,7 +425,7 @@ def _test_maps(det: Detector, feats: dict[str, torch.Tensor], n: int, mapped: di
         if known is None or known.tensors.keys() != tensors.keys() or \
                 not all(torch.equal(known.tensors[k], t) for k, t in tensors.items()):
             start = time.perf_counter()
-            maps = det.expert_maps(feats, experts=[expert])[expert]
+            maps = det.expert_maps(feats, experts=[expert], mirrors=mirrors)[expert]
             known = mapped[expert] = TestMaps(tensors, maps, (time.perf_counter() - start) / n)
         expert_maps[expert], expert_seconds[expert] = known.maps, known.seconds
     return expert_maps, expert_seconds

@@ -438,8 +438,7 @@ def visualize(model: Path, images: tuple[str, ...], out: Path, masks: Path | Non
             _say_error(f"{problem} (skipped)")
             failed += 1
             continue
-        feats = det.extract([image], strategy="all")
-        expert_maps = det.expert_maps(feats)
+        feats, expert_maps = det.maps_of([image], strategy="all")
         applied = det.combine(det.strategy, expert_maps)
         score = float(det.scores(det.strategy, applied, feats.get("texture"))[0])
         maps = det.display_maps({n: m[0] for n, m in expert_maps.items()}, applied[0])

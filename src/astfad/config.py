@@ -148,6 +148,9 @@ class DetectorConfig:
     # categories; PatchCore's sigma 4 hid small defects: benchmarks/setting_sweep.py)
     blur_sigma: float = 0.0
     image_score: str = "top1"
+    # test-time flip: every map (of test, normal and validation images alike) is the mean of the
+    # image's patch distances and those of its mirror image, flipped back; two backbone passes
+    test_flip: bool = False
     aspect_ratio: float | None = None  # width / height; None: median of the fitted images
     # normalisation and thresholds (from normal data only)
     normaliser: str = "zscore"  # or "robust" (median / MAD)
@@ -184,7 +187,7 @@ class DetectorConfig:
         if unknown or not self.auto_experts:
             raise ValueError(f"auto_experts must name experts of {', '.join(SINGLE_STRATEGIES)}, got "
                              f"{list(self.auto_experts)}")
-        for name in ("auto_fusions", "auto_image_score"):
+        for name in ("auto_fusions", "auto_image_score", "test_flip"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if not self.blur_sigma >= 0:

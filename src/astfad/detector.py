@@ -31,7 +31,7 @@ from astfad.config import (AUTO_EXPERTS, AUTO_EXPERTS_WHY, DetectorConfig, candi
                            parse_strategy)
 from astfad.data.images import load_image
 from astfad.data.synthetic import ANOMALY_KINDS, random_anomaly
-from astfad.data.views import Source, normal_view, rotate, view_to_source
+from astfad.data.views import Source, mirror, normal_view, rotate, view_to_source
 from astfad.experts.base import Exclusions, flatten_patches
 from astfad.experts.mutual import DEFAULT_FRACTION as MUTUAL_FRACTION
 from astfad.experts.mutual import MIN_BATCH, mutual_distances, score_batch, split_batches
@@ -176,6 +176,17 @@ class Detector:
                  keys: Sequence[str | None] | None = None) -> torch.Tensor:
         return self.featurizer(family)(images, self._aspect(), keys)
 
+    def mirrors(self, images: Sequence[np.ndarray], keys: Sequence[str | None] | None,
+                families: Sequence[str]) -> dict[str, torch.Tensor] | None:
+        """With `test_flip`: each family's features of the mirrored images, flipped back so that
+        every patch sits where its content is in the image (the image's owners and masks apply
+        unchanged); None without it."""
+        if not self.config.test_flip:
+            return None
+        flipped = [mirror(x) for x in images]
+        flipped_keys = [f"{k}#mirror" if k is not None else None for k in keys or [None] * len(images)]
+        return {f: self.features(f, flipped, flipped_keys).flip(-1) for f in families}
+
     def _aspect(self) -> float:
         if self.aspect is None:
             raise RuntimeError("the detector is not fitted")
@@ -221,11 +232,12 @@ class Detector:
                 self.experts[spec.name] = self._fitted(spec, normal, references)
         self._move_banks()
         exclusions = {f: self._owner_maps(normal.sources, tuple(t.shape[-2:])) for f, t in normal.features.items()}
-        normal_maps = self.expert_maps(normal.features, exclusions)
+        normal_maps = self.expert_maps(normal.features, exclusions, mirrors=normal.mirrors)
         held_out = {s.name: self._held_out(s, normal, references) for s in specs if s.trained}
         for name, maps in held_out.items():
             family = REGISTRY[name].family
-            normal_maps[name] = maps(normal.features[family], exclusions[family])
+            normal_maps[name] = maps(normal.features[family], exclusions[family],
+                                     normal.mirrors and normal.mirrors[family])
         self.normalisers = {name: Normaliser.fit(m, cfg.normaliser) for name, m in normal_maps.items()}
         candidates = candidate_strategies(normal_maps)
 
@@ -272,7 +284,7 @@ class Detector:
                 view_keys.append(f"{key}#view{cfg.seed}.{j}" if key is not None else None)
                 sources.append(Source(i, box))
         features = {f: self.features(f, images, view_keys) for f in families}
-        return NormalSet(images, sources, features)
+        return NormalSet(images, sources, features, self.mirrors(images, view_keys, families))
 
     def _owner_maps(self, sources: Sequence[Source], grid: tuple[int, int]) -> torch.Tensor:
         """(N, h, w) owner of each patch on a feature grid: the shot, or with a single shot the
@@ -362,7 +374,7 @@ class Detector:
         return normal.negatives[family]
 
     def _held_out(self, spec: ExpertSpec, normal: "NormalSet", references: dict[str, tuple[torch.Tensor, torch.Tensor]]
-                  ) -> Callable[[torch.Tensor, Exclusions], torch.Tensor]:
+                  ) -> Callable[[torch.Tensor, Exclusions, torch.Tensor | None], torch.Tensor]:
         """A trained expert's maps of normal (and synthetic) images from copies that never saw the
         scored content: two copies, each trained without one group of owners (even / odd shots,
         or with one shot diagonal quadrants), and every patch scored by the one that did not see
@@ -370,28 +382,34 @@ class Detector:
         regions = len(self.shots) == 1
         copies = [self._fitted(spec, normal, references, group) for group in (0, 1)]
 
-        def maps(feats: torch.Tensor, exclude: Exclusions) -> torch.Tensor:
+        def maps(feats: torch.Tensor, exclude: Exclusions, mirrored: torch.Tensor | None) -> torch.Tensor:
             owners = torch.stack([torch.as_tensor(e).expand(feats.shape[-2:]) for e in exclude])
-            raw = torch.where(owner_group(owners, regions) == 0, copies[0].distances(feats, exclude),
-                              copies[1].distances(feats, exclude))
+            first = owner_group(owners, regions) == 0
+
+            def distances(x: torch.Tensor) -> torch.Tensor:
+                return torch.where(first, copies[0].distances(x, exclude), copies[1].distances(x, exclude))
+
+            raw = distances(feats) if mirrored is None else (distances(feats) + distances(mirrored)) / 2
             return to_eval_grid(raw, self.eval_grid(), self.config.blur_sigma)
 
         return maps
 
     def _select(self, normal: "NormalSet", exclusions: dict[str, torch.Tensor],
                 normal_maps: dict[str, torch.Tensor], normal_scores: dict[str, torch.Tensor],
-                held_out: dict[str, Callable[[torch.Tensor, Exclusions], torch.Tensor]]) -> SelectionReport:
+                held_out: dict[str, Callable[[torch.Tensor, Exclusions, torch.Tensor | None], torch.Tensor]]
+                ) -> SelectionReport:
         """Score every candidate on synthetic anomalies pasted into the normal set (same exclusions
         as their normal image) and let selection.choose_strategy decide from that evidence."""
         cfg = self.config
         count = min(MAX_ANOMALOUS_IMAGES, max(MIN_ANOMALOUS_IMAGES, 3 * len(normal.images) // 2))
         images, masks, bases, kinds = synthetic_anomalies(normal.images, cfg.seed + 2, count)
         feats = {f: self.features(f, images) for f in normal.features}
+        mirrored = self.mirrors(images, None, list(feats))
         exclude = {f: exclusions[f][bases] for f in exclusions}
-        anomalous_maps = self.expert_maps(feats, exclude)
+        anomalous_maps = self.expert_maps(feats, exclude, mirrors=mirrored)
         for name, maps in held_out.items():
             family = REGISTRY[name].family
-            anomalous_maps[name] = maps(feats[family], exclude[family])
+            anomalous_maps[name] = maps(feats[family], exclude[family], mirrored and mirrored[family])
         grid = self.eval_grid()
         true_masks = np.stack([labels_to_grid(m, grid) for m in masks])
         evidence = {}
@@ -461,8 +479,7 @@ class Detector:
         arrays, keys = self.load_images(images)
         if len(arrays) < 2:
             raise ValueError("calibrate needs at least two good images")
-        feats = self.extract(arrays, keys, "all")
-        maps = self.expert_maps(feats)
+        feats, maps = self.maps_of(arrays, keys, "all")
         self.normalisers = {name: Normaliser.fit(m, self.config.normaliser) for name, m in maps.items()}
         strategies = (*candidate_strategies(maps), self.strategy)
         scores = {c: self.scores(c, self.combine(c, maps), feats.get("texture")) for c in dict.fromkeys(strategies)}
@@ -475,22 +492,31 @@ class Detector:
 
     # ---------------------------------------------------------------- scoring
     def expert_maps(self, feats: dict[str, torch.Tensor], exclude: dict[str, Exclusions] | None = None,
-                    experts: Sequence[str] | None = None, batch_evidence: bool = False) -> dict[str, torch.Tensor]:
+                    experts: Sequence[str] | None = None, batch_evidence: bool = False,
+                    mirrors: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """Each fitted expert's smoothed map on the evaluation grid, (B, H, W); `exclude` gives,
         per feature family, the owner each image (or patch) must not be matched against. With
-        `batch_evidence`, an expert that searches the raw family features by cosine takes, per
-        patch, the smaller of its distance and the batch's mutual score (experts/mutual.py): a
-        variation most other parts of the batch share is not an anomaly even if no shot shows it."""
+        `test_flip`, `mirrors` (see `mirrors`) must come too: the patch distances of image and
+        mirror image are averaged. With `batch_evidence`, an expert that searches the raw family
+        features by cosine takes, per patch, the smaller of its distance and the batch's mutual
+        score (experts/mutual.py): a variation most other parts of the batch share is not an
+        anomaly even if no shot shows it."""
+        if self.config.test_flip and mirrors is None:
+            raise ValueError("test_flip is on: expert_maps needs the mirror images' features (Detector.mirrors)")
         grid, sigma = self.eval_grid(), self.config.blur_sigma
         out, mutual = {}, {}
         for name in experts or self.experts:
             family = family_of(name)
-            raw = self.experts[name].distances(feats[family], (exclude or {}).get(family))
-            if batch_evidence and REGISTRY[name].batch_evidence:
-                if family not in mutual:
-                    mutual[family] = mutual_distances(feats[family])
-                raw = torch.minimum(raw, mutual[family])
-            out[name] = to_eval_grid(raw, grid, sigma)
+            raw = []
+            for x in (feats[family], *([mirrors[family]] if self.config.test_flip else [])):
+                d = self.experts[name].distances(x, (exclude or {}).get(family))
+                if batch_evidence and REGISTRY[name].batch_evidence:
+                    key = (family, len(raw))
+                    if key not in mutual:
+                        mutual[key] = mutual_distances(x)
+                    d = torch.minimum(d, mutual[key])
+                raw.append(d)
+            out[name] = to_eval_grid(sum(raw) / len(raw), grid, sigma)
         return out
 
     def combine(self, strategy: str, maps: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -527,6 +553,16 @@ class Detector:
         """Backbone features of test images for the families a strategy (or 'all') needs."""
         return {f: self.features(f, arrays, keys) for f in self.families(strategy)}
 
+    def maps_of(self, arrays: Sequence[np.ndarray], keys: Sequence[str | None] | None = None,
+                strategy: str | None = None, batch_evidence: bool = False
+                ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """Backbone features (the texture reweighting reads them) and each expert's map of decoded
+        images, for the experts a strategy (default: the applied one; 'all': every fitted one) needs."""
+        feats = self.extract(arrays, keys, strategy)
+        experts = None if strategy == "all" else experts_of(strategy or self.strategy)
+        return feats, self.expert_maps(feats, experts=experts, batch_evidence=batch_evidence,
+                                       mirrors=self.mirrors(arrays, keys, list(feats)))
+
     def score_arrays(self, arrays: Sequence[np.ndarray], keys: Sequence[str | None] | None = None,
                      batch_evidence: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """The applied strategy's (B, H, W) maps on the evaluation grid and (B,) image scores of
@@ -534,9 +570,8 @@ class Detector:
         `batch_evidence`, which needs at least MIN_BATCH images)."""
         if self.strategy is None:
             raise RuntimeError("the detector is not fitted; call fit() or Detector.load()")
-        feats = self.extract(arrays, keys)
-        maps = self.combine(self.strategy, self.expert_maps(feats, experts=experts_of(self.strategy),
-                                                            batch_evidence=batch_evidence))
+        feats, expert_maps = self.maps_of(arrays, keys, batch_evidence=batch_evidence)
+        maps = self.combine(self.strategy, expert_maps)
         return maps, self.scores(self.strategy, maps, feats.get("texture"))
 
     def prediction(self, eval_map: torch.Tensor, score: torch.Tensor | float, size: tuple[int, int],
@@ -623,7 +658,7 @@ class Detector:
         fitted with `semantic_weights=X` needs `Detector.load(path, semantic_weights=X)` again."""
         path = Path(path)
         meta, tensors = read_model_file(path, FORMAT_VERSION)
-        config = dict(meta["config"])
+        config = {"test_flip": False, **meta["config"]}  # files from before the flip were fitted without
         config["threads"] = None  # this machine's cores, not those of the one that fitted it
         if device is not None:
             config["device"] = device
@@ -681,6 +716,7 @@ class NormalSet:
     images: list[np.ndarray]
     sources: list[Source]
     features: dict[str, torch.Tensor]
+    mirrors: dict[str, torch.Tensor] | None  # with test_flip: the mirror images' features (Detector.mirrors)
     # family -> anomalous patches pasted into these images (K, D) and their owners (K,), made once
     negatives: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 

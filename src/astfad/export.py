@@ -10,7 +10,8 @@ The graph is traced from the very modules `Detector.predict` runs, so the two ca
            happens inside the graph;
   graph    backbone reader (features.py) -> the expert's transform (the adapter, if any) -> kNN
            against the bank as matrix products (cosine: 1 - max similarity to the L2-normalised
-           bank; l2: sqrt of the min squared distance) -> background mask (if fitted) -> bilinear
+           bank; l2: sqrt of the min squared distance) -> background mask (if fitted) -> with
+           `test_flip`, the mean with the same distances of the mirrored input (flipped back) -> bilinear
            upsample to the evaluation grid and Gaussian blur (scoring.to_eval_grid) -> the
            strategy's map (fusions with the saved normalisers) -> image score (top 1% or max);
   outputs  `anomaly_map` (B, H_eval, W_eval) and `score` (B,); an image is anomalous when its
@@ -77,7 +78,15 @@ class DetectorGraph(nn.Module):
                 self.register_buffer(f"{name}_bank", bank.contiguous())
                 self.register_buffer(f"{name}_bank_sq", (bank * bank).sum(1))
 
-    def expert_map(self, name: str, feats: torch.Tensor) -> torch.Tensor:
+    def expert_map(self, name: str, feats: torch.Tensor, mirrored: torch.Tensor | None) -> torch.Tensor:
+        """The expert's map on the evaluation grid; with the mirror image's features (test_flip,
+        flipped back into place), the mean of both patch distances, as Detector.expert_maps."""
+        dist = self.distances(name, feats)
+        if mirrored is not None:
+            dist = (dist + self.distances(name, mirrored)) / 2
+        return to_eval_grid(dist, self.detector.eval_grid(), self.detector.config.blur_sigma)
+
+    def distances(self, name: str, feats: torch.Tensor) -> torch.Tensor:
         expert = self.detector.experts[name]
         b, _, h, w = feats.shape
         if not hasattr(expert, "bank"):
@@ -88,12 +97,14 @@ class DetectorGraph(nn.Module):
                                      getattr(self, f"{name}_bank_sq", None), expert.metric).reshape(b, h, w)
         if getattr(expert, "mask_background", False) and getattr(expert, "pca_direction", None) is not None:
             dist = dist * expert.foreground(feats).to(dist.dtype)
-        cfg = self.detector.config
-        return to_eval_grid(dist, self.detector.eval_grid(), cfg.blur_sigma)
+        return dist
 
     def forward(self, *images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         feats = {f: self.readers[f](x) for f, x in zip(self.families, images)}
-        maps = {name: self.expert_map(name, feats[family_of(name)]) for name in self.experts}
+        mirrored = {f: self.readers[f](x.flip(-1)).flip(-1) if self.detector.config.test_flip else None
+                    for f, x in zip(self.families, images)}
+        maps = {name: self.expert_map(name, feats[family_of(name)], mirrored[family_of(name)])
+                for name in self.experts}
         applied = self.detector.combine(self.detector.strategy, maps)
         return applied, image_scores(applied, self.detector.image_score)
 

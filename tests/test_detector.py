@@ -121,9 +121,9 @@ def test_normal_data_is_never_matched_against_itself(fake_backbones, parts, monk
         return original(self, feats, exclude)
 
     monkeypatch.setattr(KNNExpert, "distances", spy)
-    for shots in (1, 3):
+    for shots, test_flip in ((1, False), (3, False), (1, True)):
         calls.clear()
-        Detector("fusion_add", **FAST).fit(parts["train"][:shots])
+        Detector("fusion_add", test_flip=test_flip, **FAST).fit(parts["train"][:shots])
         assert calls
         for expert, feats, exclude in calls:
             assert exclude is not None and all(e is not None for e in exclude)
@@ -134,6 +134,37 @@ def test_normal_data_is_never_matched_against_itself(fake_backbones, parts, monk
                 same = torch.cdist(queries, bank.features) < 1e-6
                 allowed = bank.owners[None, :] != owners[:, None]
                 assert not (same & allowed).any()
+
+
+@pytest.mark.parametrize("strategy", ["semantic", "fusion_mul:semantic+subspace"])
+def test_test_flip_averages_the_image_and_its_mirror_everywhere(fake_backbones, parts, tmp_path, strategy):
+    """With test_flip each expert's map is the mean of the plain detector's maps of the image and
+    of its mirror image flipped back (same banks), the normal maps behind the thresholds too; a
+    saved model keeps the flip, and a file from before the setting loads without it."""
+    from astfad.data.views import mirror
+
+    plain = Detector(strategy, **FAST).fit(parts["train"][:3])
+    flip = Detector(strategy, test_flip=True, **FAST).fit(parts["train"][:3])
+    test = parts["test"]
+    _, base = plain.maps_of(test, strategy="all")
+    _, mirrored = plain.maps_of([mirror(x) for x in test], strategy="all")
+    _, both = flip.maps_of(test, strategy="all")
+    for name in base:
+        assert torch.allclose(both[name], (base[name] + mirrored[name].flip(-1)) / 2, atol=1e-5)
+    assert flip.threshold != plain.threshold  # fitted on flip-averaged normal maps
+    with pytest.raises(ValueError, match="test_flip"):
+        flip.expert_maps(flip.extract(test, strategy="all"))
+    path = flip.save(tmp_path / "flip.safetensors")
+    assert [p.score for p in Detector.load(path).predict(test)] == [p.score for p in flip.predict(test)]
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    old = plain.save(tmp_path / "plain.safetensors")
+    with safe_open(str(old), "pt") as f:
+        meta = json.loads(f.metadata()["astfad"])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    del meta["config"]["test_flip"]
+    save_file(tensors, str(tmp_path / "before.safetensors"), metadata={"astfad": json.dumps(meta)})
+    assert Detector.load(tmp_path / "before.safetensors").config.test_flip is False
 
 
 def test_thresholds_follow_the_target_false_positive_rate(fake_backbones, parts):

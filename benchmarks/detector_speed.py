@@ -2,6 +2,8 @@
 (no feature cache), on one category of a dataset: what a user waits for.
 
     python benchmarks/detector_speed.py --data ../shared/data --category ball_screw_drive --shots 4
+
+A strategy may carry detector settings after '@' (`semantic@test_flip=true`, comma-separated).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 
 from astfad.benchmark import category_aspect
 from astfad.data.datasets import sample_shots, scan_dataset
@@ -33,16 +36,18 @@ def main() -> None:
     Detector("texture", aspect_ratio=aspect).fit(shots[:1])  # loads and converts weights once
     print(f"{category.name}, {args.shots} shots, {len(tests)} test images, torch threads "
           f"{torch.get_num_threads()}")
-    print(f"{'strategy':<18} {'fit s':>7} {'predict s/image':>16}")
-    for strategy in args.strategies:
+    print(f"{'strategy':<28} {'fit s':>7} {'predict s/image':>16}")
+    for variant in args.strategies:
+        strategy, _, extra = variant.partition("@")
+        settings = {k: yaml.safe_load(v) for k, _, v in (item.partition("=") for item in extra.split(",") if item)}
         start = time.perf_counter()
-        det = Detector(strategy, aspect_ratio=aspect).fit(shots)
+        det = Detector(strategy, aspect_ratio=aspect, **settings).fit(shots)
         fit = time.perf_counter() - start
         start = time.perf_counter()
         det.predict(tests)
         per_image = (time.perf_counter() - start) / len(tests)
-        shown = strategy if strategy != "auto" else f"auto -> {det.strategy}"
-        print(f"{shown:<18} {fit:>7.1f} {per_image:>16.3f}")
+        shown = variant if strategy != "auto" else f"{variant} -> {det.strategy}"
+        print(f"{shown:<28} {fit:>7.1f} {per_image:>16.3f}")
 
 
 if __name__ == "__main__":

@@ -227,20 +227,25 @@ def test_what_auto_validates_never_changes_a_fixed_strategys_row(fake_backbones,
     assert auto["image_auroc"] == applied["image_auroc"] and auto["verdict_fpr"] == applied["verdict_fpr"]
 
 
-def test_a_test_flip_row_scores_as_the_fitted_detector_predicts(fake_backbones, dataset, tmp_path):
-    """With test_flip the benchmark maps the test set's mirror images too: its row's image AUROC is
-    that of the same detector's predict."""
+@pytest.mark.parametrize("test_flip", [True, None])
+def test_a_test_flip_row_scores_as_the_fitted_detector_predicts(fake_backbones, dataset, tmp_path, monkeypatch,
+                                                                test_flip):
+    """With the flip the benchmark maps the test set's mirror images too: each row's image AUROC is
+    that of the same detector's predict; by default only cells above FEW_SHOTS shots flip."""
     from astfad.benchmark import category_aspect
     from astfad.metrics import image_auroc
 
-    config = {**FAST, "test_flip": True}
-    (row,) = Benchmark(BenchmarkSpec(data=dataset, out=tmp_path / "a", shots=(2,), seeds=(0,),
-                                     strategies=("semantic",), config=config), progress=False).run()
+    monkeypatch.setattr("astfad.config.FEW_SHOTS", 1)
+    config = {**FAST, "test_flip": test_flip}
+    rows = Benchmark(BenchmarkSpec(data=dataset, out=tmp_path / "a", shots=(1, 2), seeds=(0,),
+                                   strategies=("semantic",), config=config), progress=False).run()
     (category,) = scan_dataset(dataset)
-    det = Detector("semantic", seed=0, aspect_ratio=category_aspect(category), **config)
-    det.fit([s.path for s in sample_shots(category.train, 2, 0, "random")])
-    scores = [p.score for p in det.predict([s.path for s in category.test])]
-    assert row["image_auroc"] == pytest.approx(image_auroc([s.label for s in category.test], scores))
+    for row in rows:
+        det = Detector("semantic", seed=0, aspect_ratio=category_aspect(category), **config)
+        det.fit([s.path for s in sample_shots(category.train, row["shots"], 0, "random")])
+        assert det.test_flip == (test_flip or row["shots"] > 1)
+        scores = [p.score for p in det.predict([s.path for s in category.test])]
+        assert row["image_auroc"] == pytest.approx(image_auroc([s.label for s in category.test], scores))
 
 
 def test_a_results_file_of_another_format_is_refused_before_any_work(fake_backbones, dataset, tmp_path):

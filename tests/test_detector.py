@@ -143,7 +143,7 @@ def test_test_flip_averages_the_image_and_its_mirror_everywhere(fake_backbones, 
     saved model keeps the flip, and a file from before the setting loads without it."""
     from astfad.data.views import mirror
 
-    plain = Detector(strategy, **FAST).fit(parts["train"][:3])
+    plain = Detector(strategy, test_flip=False, **FAST).fit(parts["train"][:3])
     flip = Detector(strategy, test_flip=True, **FAST).fit(parts["train"][:3])
     test = parts["test"]
     _, base = plain.maps_of(test, strategy="all")
@@ -165,6 +165,19 @@ def test_test_flip_averages_the_image_and_its_mirror_everywhere(fake_backbones, 
     del meta["config"]["test_flip"]
     save_file(tensors, str(tmp_path / "before.safetensors"), metadata={"astfad": json.dumps(meta)})
     assert Detector.load(tmp_path / "before.safetensors").config.test_flip is False
+
+
+def test_the_flip_is_on_above_few_shots_by_default_and_saved_resolved(fake_backbones, parts, tmp_path):
+    from astfad.config import FEW_SHOTS
+
+    few = Detector("semantic", **FAST).fit(parts["train"][:FEW_SHOTS])
+    many = Detector("semantic", **FAST).fit(parts["train"][:FEW_SHOTS + 1])
+    assert not few.test_flip and many.test_flip
+    loaded = Detector.load(many.save(tmp_path / "many.safetensors"))
+    assert loaded.config.test_flip is True and loaded.test_flip
+    assert [p.score for p in loaded.predict(parts["test"])] == [p.score for p in many.predict(parts["test"])]
+    with pytest.raises(ValueError, match="test_flip"):
+        Detector("semantic", test_flip="yes")
 
 
 def test_thresholds_follow_the_target_false_positive_rate(fake_backbones, parts):

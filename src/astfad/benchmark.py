@@ -308,21 +308,22 @@ def failed_cell(job: CategoryJob, cell: Cell, error: str, detail: str = "") -> C
 
 def _extract(det: Detector, images: Sequence[np.ndarray], keys: Sequence[str], families: Sequence[str],
              progress: bool) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None, dict[str, float]]:
-    """Features of every family and, with test_flip, of the mirror images, in chunks; with the
-    backbone seconds per image (both passes)."""
+    """Features of every family and, when the detector flips, of the mirror images, in chunks; with
+    the seconds per image of one backbone pass (a flipping detector makes two)."""
     out, mirrored, seconds = {}, {}, {}
     for family in families:
-        start = time.perf_counter()
-        chunks, mirror_chunks = [], []
+        chunks, mirror_chunks, spent = [], [], 0.0
         for i in tqdm(range(0, len(images), EXTRACT_CHUNK), desc=f"{family} features", unit="batch",
                       leave=False, disable=not progress):
             sl = slice(i, i + EXTRACT_CHUNK)
+            start = time.perf_counter()
             chunks.append(det.features(family, images[sl], keys[sl]))
+            spent += time.perf_counter() - start
             mirror_chunks += (det.mirrors(images[sl], keys[sl], [family]) or {}).values()
         out[family] = torch.cat(chunks)
         if mirror_chunks:
             mirrored[family] = torch.cat(mirror_chunks)
-        seconds[family] = (time.perf_counter() - start) / max(1, len(images))
+        seconds[family] = spent / max(1, len(images))
     return out, mirrored or None, seconds
 
 
@@ -346,6 +347,9 @@ def prepare_category(job: CategoryJob) -> tuple[list[str], CategoryData]:
         messages.append(f"{category.name}: the test set needs normal and anomalous images; metrics will be NaN")
     det = Detector(cache={}, **config)
     det.aspect = aspect
+    # the test set's mirror images too when any cell's detector will flip (test_flip, or its
+    # shot count under the default)
+    det.test_flip = any(det.config.test_flip_at(cell.shots) for cell in job.cells if cell.shots)
     families = plan_families(job.strategies, job.pinned, category.name)
     for family in families:
         found = det.featurizer(family).backbone.backbone_id
@@ -438,7 +442,7 @@ def _strategy_rows(data: CategoryData, cell: Cell, det: Detector, strategies: Se
     job, tests, name = data.job, data.tests, data.job.name
     n = max(1, len(tests.samples))
     # the shots' backbone passes were made once for the category: count them as a cold fit would
-    fit_seconds = det.fit_seconds + len(train) * sum(data.feature_seconds[f] for f in feats)
+    fit_seconds = det.fit_seconds + len(train) * sum(data.feature_seconds[f] for f in feats) * (1 + det.test_flip)
     shot_files = ";".join(s.path.name for s in train)
     rows = []
     for strategy in strategies:
@@ -449,7 +453,7 @@ def _strategy_rows(data: CategoryData, cell: Cell, det: Detector, strategies: Se
         scores = det.scores(applied, maps, feats.get("texture"))
         # what predicting this strategy alone costs: its backbones (timed cold), its experts, the rest
         per_image = ((time.perf_counter() - start) / n + sum(expert_seconds[e] for e in experts_of(applied))
-                     + sum(data.feature_seconds[f] for f in det.families(applied)))
+                     + sum(data.feature_seconds[f] for f in det.families(applied)) * (1 + det.test_flip))
         scores_np, maps_np = scores.numpy(), maps.numpy()
         row = {"category": name, "shots": cell.shots, "seed": cell.seed, "strategy": strategy,
                "applied_strategy": applied, **tests.metrics(scores_np, maps_np),

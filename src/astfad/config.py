@@ -30,6 +30,9 @@ IMAGE_SCORE_RULES = ("top1", "max", "reweight")
 # screw in 6 of 6 one- and four-shot cells, 37 and 10 points under semantic there; the adapter loses
 # to semantic in most folds and its validation costs two trainings
 AUTO_EXPERTS = ("semantic", "subspace")
+# up to this many shots the semantic references are rotated (AnomalyDINO's augmentation); above it
+# the references are not, and the test-time flip is on instead (`test_flip` None)
+FEW_SHOTS = 4
 AUTO_EXPERTS_WHY = ("the default candidates, semantic and subspace, were chosen by leave-one-category-out "
                     "on the development categories (README)")
 
@@ -149,8 +152,9 @@ class DetectorConfig:
     blur_sigma: float = 0.0
     image_score: str = "top1"
     # test-time flip: every map (of test, normal and validation images alike) is the mean of the
-    # image's patch distances and those of its mirror image, flipped back; two backbone passes
-    test_flip: bool = False
+    # image's patch distances and those of its mirror image, flipped back: two backbone passes.
+    # None: on when fitted with more than FEW_SHOTS images (leave-one-category-out, README)
+    test_flip: bool | None = None
     aspect_ratio: float | None = None  # width / height; None: median of the fitted images
     # normalisation and thresholds (from normal data only)
     normaliser: str = "zscore"  # or "robust" (median / MAD)
@@ -165,6 +169,10 @@ class DetectorConfig:
         """(height, width) of the evaluation grid at width / height `aspect`: the pixel count of an
         eval_size square, in one-pixel steps (maps, masks and metrics all live on it)."""
         return grid_for(self.eval_size, aspect, 1)
+
+    def test_flip_at(self, shots: int) -> bool:
+        """Whether a detector fitted on `shots` images flips: as set, or above FEW_SHOTS."""
+        return self.test_flip if self.test_flip is not None else shots > FEW_SHOTS
 
     def auto_candidates(self) -> tuple[str, ...]:
         """The strategies `auto` validates."""
@@ -187,9 +195,12 @@ class DetectorConfig:
         if unknown or not self.auto_experts:
             raise ValueError(f"auto_experts must name experts of {', '.join(SINGLE_STRATEGIES)}, got "
                              f"{list(self.auto_experts)}")
-        for name in ("auto_fusions", "auto_image_score", "test_flip"):
+        for name in ("auto_fusions", "auto_image_score"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if self.test_flip is not None and not isinstance(self.test_flip, bool):
+            raise ValueError(f"test_flip must be true, false or null (on above {FEW_SHOTS} shots), "
+                             f"got {self.test_flip!r}")
         if not self.blur_sigma >= 0:
             raise ValueError(f"blur_sigma must be >= 0 (0: no smoothing), got {self.blur_sigma}")
         for name in ("texture_size", "semantic_size", "eval_size"):

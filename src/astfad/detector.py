@@ -27,8 +27,8 @@ from PIL import Image
 
 from astfad import __version__
 from astfad.backbones import available_offline, default_weights_url, load_backbone
-from astfad.config import (AUTO_EXPERTS, AUTO_EXPERTS_WHY, DetectorConfig, candidate_strategies, experts_of,
-                           parse_strategy)
+from astfad.config import (AUTO_EXPERTS, AUTO_EXPERTS_WHY, FEW_SHOTS, DetectorConfig, candidate_strategies,
+                           experts_of, parse_strategy)
 from astfad.data.images import load_image
 from astfad.data.synthetic import ANOMALY_KINDS, random_anomaly
 from astfad.data.views import Source, mirror, normal_view, rotate, view_to_source
@@ -101,7 +101,7 @@ def views_per_shot(shots: int) -> int:
 def reference_angles(shots: int, aspect: float, rotate_references: bool | None) -> tuple[float, ...]:
     """Rotations added to the semantic references: none with many shots (or when turned off),
     45-degree steps for a near-square frame, a half turn for an elongated one."""
-    if rotate_references is False or (rotate_references is None and shots > 4):
+    if rotate_references is False or (rotate_references is None and shots > FEW_SHOTS):
         return ()
     if 1 / NEAR_SQUARE <= aspect <= NEAR_SQUARE:
         return ROTATION_ANGLES[1:]
@@ -139,6 +139,7 @@ class Detector:
         self.shots: list[str] = []
         self.strategy: str | None = None  # the applied strategy (auto's choice, or the given one)
         self.image_score: str = self.config.image_score  # the rule in use (auto may validate another)
+        self.test_flip: bool = bool(self.config.test_flip)  # in use: fit resolves None by the shot count
         self.threshold: float | None = None
         self.pixel_threshold: float | None = None
         self.threshold_models: dict[str, ThresholdModel] = {}
@@ -178,10 +179,10 @@ class Detector:
 
     def mirrors(self, images: Sequence[np.ndarray], keys: Sequence[str | None] | None,
                 families: Sequence[str]) -> dict[str, torch.Tensor] | None:
-        """With `test_flip`: each family's features of the mirrored images, flipped back so that
-        every patch sits where its content is in the image (the image's owners and masks apply
-        unchanged); None without it."""
-        if not self.config.test_flip:
+        """With the test-time flip in use: each family's features of the mirrored images, flipped
+        back so that every patch sits where its content is in the image (the image's owners and
+        masks apply unchanged); None without it."""
+        if not self.test_flip:
             return None
         flipped = [mirror(x) for x in images]
         flipped_keys = [f"{k}#mirror" if k is not None else None for k in keys or [None] * len(images)]
@@ -216,6 +217,7 @@ class Detector:
         self.selection_terms = None
         self.threshold_models = {}
         self.image_score = cfg.image_score
+        self.test_flip = cfg.test_flip_at(len(arrays))
         self.shots = [k if k is not None else f"<array {i}>" for i, k in enumerate(keys)]
         self.aspect = cfg.aspect_ratio or statistics.median(a.shape[1] / a.shape[0] for a in arrays)
         torch.manual_seed(cfg.seed)
@@ -501,14 +503,14 @@ class Detector:
         features by cosine takes, per patch, the smaller of its distance and the batch's mutual
         score (experts/mutual.py): a variation most other parts of the batch share is not an
         anomaly even if no shot shows it."""
-        if self.config.test_flip and mirrors is None:
+        if self.test_flip and mirrors is None:
             raise ValueError("test_flip is on: expert_maps needs the mirror images' features (Detector.mirrors)")
         grid, sigma = self.eval_grid(), self.config.blur_sigma
         out, mutual = {}, {}
         for name in experts or self.experts:
             family = family_of(name)
             raw = []
-            for x in (feats[family], *([mirrors[family]] if self.config.test_flip else [])):
+            for x in (feats[family], *([mirrors[family]] if self.test_flip else [])):
                 d = self.experts[name].distances(x, (exclude or {}).get(family))
                 if batch_evidence and REGISTRY[name].batch_evidence:
                     key = (family, len(raw))
@@ -620,8 +622,9 @@ class Detector:
 
     # ---------------------------------------------------------------- persistence
     def metadata(self) -> dict[str, Any]:
-        # the config as it scores: with the image-score rule auto validated (any reader applies it)
-        config = {**self.config.to_dict(), "image_score": self.image_score}
+        # the config as it scores: with the image-score rule auto validated and the flip resolved for
+        # the shot count (any reader applies them)
+        config = {**self.config.to_dict(), "image_score": self.image_score, "test_flip": self.test_flip}
         return {"format": FORMAT_VERSION, "astfad_version": __version__, "config": config,
                 "strategy": self.strategy, "aspect": self.aspect, "shots": self.shots,
                 "backbones": {f: z.backbone.backbone_id for f, z in self.featurizers.items()}, "experts": sorted(self.experts),

@@ -101,7 +101,7 @@ class DetectorGraph(nn.Module):
 
     def forward(self, *images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         feats = {f: self.readers[f](x) for f, x in zip(self.families, images)}
-        mirrored = {f: self.readers[f](x.flip(-1)).flip(-1) if self.detector.config.test_flip else None
+        mirrored = {f: self.readers[f](x.flip(-1)).flip(-1) if self.detector.test_flip else None
                     for f, x in zip(self.families, images)}
         maps = {name: self.expert_map(name, feats[family_of(name)], mirrored[family_of(name)])
                 for name in self.experts}

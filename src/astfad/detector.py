@@ -31,7 +31,7 @@ from astfad.config import (AUTO_EXPERTS, AUTO_EXPERTS_WHY, FEW_SHOTS, DetectorCo
                            experts_of, parse_strategy)
 from astfad.data.images import load_image
 from astfad.data.synthetic import ANOMALY_KINDS, random_anomaly
-from astfad.data.views import Source, mirror, normal_view, rotate, view_to_source
+from astfad.data.views import Source, normal_view, rotate, view_to_source
 from astfad.experts.base import Exclusions, flatten_patches
 from astfad.experts.mutual import DEFAULT_FRACTION as MUTUAL_FRACTION
 from astfad.experts.mutual import MIN_BATCH, mutual_distances, score_batch, split_batches
@@ -174,8 +174,8 @@ class Detector:
         return self.featurizers[family]
 
     def features(self, family: str, images: Sequence[np.ndarray],
-                 keys: Sequence[str | None] | None = None) -> torch.Tensor:
-        return self.featurizer(family)(images, self._aspect(), keys)
+                 keys: Sequence[str | None] | None = None, mirrored: bool = False) -> torch.Tensor:
+        return self.featurizer(family)(images, self._aspect(), keys, mirrored)
 
     def mirrors(self, images: Sequence[np.ndarray], keys: Sequence[str | None] | None,
                 families: Sequence[str]) -> dict[str, torch.Tensor] | None:
@@ -184,9 +184,8 @@ class Detector:
         masks apply unchanged); None without it."""
         if not self.test_flip:
             return None
-        flipped = [mirror(x) for x in images]
-        flipped_keys = [f"{k}#mirror" if k is not None else None for k in keys or [None] * len(images)]
-        return {f: self.features(f, flipped, flipped_keys).flip(-1) for f in families}
+        mirror_keys = [f"{k}#mirror" if k is not None else None for k in keys or [None] * len(images)]
+        return {f: self.features(f, images, mirror_keys, mirrored=True) for f in families}
 
     def _aspect(self) -> float:
         if self.aspect is None:

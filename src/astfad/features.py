@@ -61,7 +61,10 @@ class Featurizer:
         return grid_for(self.size, aspect, self.multiple)
 
     def __call__(self, images: Sequence[np.ndarray], aspect: float,
-                 keys: Sequence[str | None] | None = None) -> torch.Tensor:
+                 keys: Sequence[str | None] | None = None, mirrored: bool = False) -> torch.Tensor:
+        """(N, D, h, w) features of the images on the aspect's grid; `mirrored`: of their mirror
+        images, flipped back (each patch where its content is in the image), made by flipping the
+        resized batch, so no full-size copy of an image is made."""
         grid = self.grid(aspect)
         keys = list(keys) if keys is not None else [None] * len(images)
         out: list[torch.Tensor | None] = [
@@ -71,7 +74,8 @@ class Featurizer:
             chunk = todo[start:start + self.batch_size]
             batch = to_batch([images[i] for i in chunk], grid).to(self.device)
             with torch.inference_mode():
-                feats = self.read(batch).float().cpu()
+                feats = self.read(batch.flip(-1)).flip(-1) if mirrored else self.read(batch)
+                feats = feats.float().cpu()
             for i, feat in zip(chunk, feats):
                 out[i] = feat.clone()
                 if keys[i] is not None:

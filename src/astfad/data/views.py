@@ -26,11 +26,6 @@ def rotate(image: np.ndarray, angle: float) -> np.ndarray:
     return np.asarray(pil.rotate(angle, resample=Image.BILINEAR, fillcolor=fill))
 
 
-def mirror(image: np.ndarray) -> np.ndarray:
-    """The image flipped left to right (test-time flip: its map, flipped back, is averaged in)."""
-    return np.ascontiguousarray(image[:, ::-1])
-
-
 @dataclass(frozen=True)
 class Source:
     """Where a fitted or validation image came from: the shot it was made from, the crop of that

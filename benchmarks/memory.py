@@ -67,6 +67,8 @@ def main() -> None:
     parser.add_argument("--height", type=int, default=3000)
     parser.add_argument("--strategy", default="fusion_add")
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--shots", type=int, default=2,
+                        help="good images to fit on (above 4 the model flips each image: two passes)")
     parser.add_argument("--work", type=Path, default=None, help="Folder for images and outputs (default: a temp folder).")
     args = parser.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="astfad-memory-"))
@@ -75,12 +77,13 @@ def main() -> None:
         images = make_images(work / "images", args.images, args.width, args.height)
         print(f"{len(images)} images of {args.width}x{args.height} in {time.perf_counter() - start:.0f} s")
         model = work / "model.safetensors"
-        Detector(args.strategy).fit(images[:2]).save(model, overwrite=True)
+        detector = Detector(args.strategy).fit(images[:args.shots])
+        detector.save(model, overwrite=True)
         command = [sys.executable, "-c", "from astfad.cli import main; main()", "predict", str(model), str(work / "images"),
                    "--out", str(work / "out"), "--force", "--batch-size", str(args.batch_size)]
         code, seconds, peak = peak_rss_of(command)
         per_image = args.width * args.height * 3 / 1e6
-        print(f"astfad predict, {args.strategy}, {len(images)} images of {args.width}x{args.height} "
+        print(f"astfad predict, {args.strategy} ({args.shots} shots, test_flip {detector.test_flip}), {len(images)} images of {args.width}x{args.height} "
               f"({per_image:.0f} MB each decoded), batch size {args.batch_size}: exit {code}, "
               f"{seconds:.0f} s, {len(images) / seconds:.2f} images/s, peak RSS {peak / 2**30:.2f} GiB")
     finally:

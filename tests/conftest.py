@@ -6,10 +6,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+import json
+
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 
 REPO = Path(__file__).resolve().parents[1]
@@ -103,3 +107,16 @@ def parts() -> dict[str, list]:
     bad = [make_part(rng, defect=True) for _ in range(4)]
     return {"train": train, "test": [g[0] for g in good] + [b[0] for b in bad],
             "labels": [0] * 4 + [1] * 4, "masks": [g[1] for g in good] + [b[1] for b in bad]}
+
+
+def read_raw(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """A saved model file's astfad metadata and tensors, unvalidated (to damage or edit them)."""
+    with safe_open(str(path), "pt") as handle:
+        return json.loads(handle.metadata()["astfad"]), {k: handle.get_tensor(k) for k in handle.keys()}
+
+
+def write_raw(path: Path, meta, tensors: dict[str, torch.Tensor], header: str | None = None) -> Path:
+    """A model file from raw metadata (or a raw `header` string) and tensors, unvalidated."""
+    tensors = {k: v.contiguous() for k, v in tensors.items()}
+    save_file(tensors, str(path), metadata={"astfad": header if header is not None else json.dumps(meta)})
+    return path

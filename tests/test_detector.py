@@ -1,5 +1,3 @@
-import json
-
 import numpy as np
 import pytest
 import torch
@@ -7,6 +5,7 @@ import torch
 from astfad.config import candidate_strategies
 from astfad.detector import FORMAT_VERSION, Detector, ModelFileError
 from astfad.metrics import image_auroc
+from conftest import read_raw, write_raw
 
 FAST = dict(semantic_size=112, texture_size=112, eval_size=112, adapter_steps=20)
 STRATEGIES = ["texture", "semantic", "semantic_adapter", "subspace", "fusion_add", "fusion_mul",
@@ -154,15 +153,9 @@ def test_test_flip_averages_the_image_and_its_mirror_everywhere(fake_backbones, 
         flip.expert_maps(flip.extract(test, strategy="all"))
     path = flip.save(tmp_path / "flip.safetensors")
     assert [p.score for p in Detector.load(path).predict(test)] == [p.score for p in flip.predict(test)]
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-    old = plain.save(tmp_path / "plain.safetensors")
-    with safe_open(str(old), "pt") as f:
-        meta = json.loads(f.metadata()["astfad"])
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    meta, tensors = read_raw(plain.save(tmp_path / "plain.safetensors"))
     del meta["config"]["test_flip"]
-    save_file(tensors, str(tmp_path / "before.safetensors"), metadata={"astfad": json.dumps(meta)})
-    assert Detector.load(tmp_path / "before.safetensors").config.test_flip is False
+    assert Detector.load(write_raw(tmp_path / "before.safetensors", meta, tensors)).config.test_flip is False
 
 
 def test_the_flip_is_on_above_few_shots_by_default_and_saved_resolved(fake_backbones, parts, tmp_path):
@@ -246,20 +239,14 @@ def test_load_refuses_bad_files(fake_backbones, parts, tmp_path):
     with pytest.raises(ModelFileError, match="junk.safetensors"):
         Detector.load(junk)
     det = Detector("semantic", **FAST).fit(parts["train"])
-    path = det.save(tmp_path / "m.safetensors")
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-    with safe_open(str(path), "pt") as f:
-        meta = json.loads(f.metadata()["astfad"])
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    meta, tensors = read_raw(det.save(tmp_path / "m.safetensors"))
     meta["format"] = 999
-    save_file(tensors, str(tmp_path / "future.safetensors"), metadata={"astfad": json.dumps(meta)})
     with pytest.raises(ModelFileError, match="format 999"):
-        Detector.load(tmp_path / "future.safetensors")
+        Detector.load(write_raw(tmp_path / "future.safetensors", meta, tensors))
     meta["format"], meta["backbones"]["semantic"] = FORMAT_VERSION, "other_vit@x"
-    save_file(tensors, str(tmp_path / "other.safetensors"), metadata={"astfad": json.dumps(meta)})
     with pytest.raises(ModelFileError, match="other_vit@x"):
-        Detector.load(tmp_path / "other.safetensors")
+        Detector.load(write_raw(tmp_path / "other.safetensors", meta, tensors))
+    from safetensors.torch import save_file
     save_file({"x": torch.zeros(1)}, str(tmp_path / "plain.safetensors"))
     with pytest.raises(ModelFileError, match="without astfad metadata"):
         Detector.load(tmp_path / "plain.safetensors")

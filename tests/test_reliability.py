@@ -23,8 +23,6 @@ from click.testing import CliRunner
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from PIL import Image
-from safetensors import safe_open
-from safetensors.torch import save_file
 
 import astfad.detector
 import astfad.pipeline
@@ -34,7 +32,7 @@ from astfad.detector import Detector, ModelFileError
 from astfad.modelfile import payload_checksum
 from astfad.pipeline import iter_predictions, plan_batches
 from astfad.visualize import overlay, save_mask
-from conftest import REPO, fake_load_backbone, make_part
+from conftest import REPO, fake_load_backbone, make_part, read_raw, write_raw
 
 FAST = dict(semantic_size=112, texture_size=112, eval_size=112, adapter_steps=10)
 FAST_ARGS = [arg for key, value in FAST.items() for arg in ("--set", f"{key}={value}")]
@@ -293,17 +291,6 @@ def test_predict_never_overwrites_without_force_and_force_removes_only_stale_out
 
 
 # ---------------------------------------------------------------------------- 5. validated model files
-
-def read_raw(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    with safe_open(str(path), "pt") as handle:
-        return json.loads(handle.metadata()["astfad"]), {k: handle.get_tensor(k) for k in handle.keys()}
-
-
-def write_raw(path: Path, meta, tensors: dict[str, torch.Tensor], header: str | None = None) -> Path:
-    tensors = {k: v.contiguous() for k, v in tensors.items()}
-    save_file(tensors, str(path), metadata={"astfad": header if header is not None else json.dumps(meta)})
-    return path
-
 
 def drop(key):
     """A metadata field removed."""

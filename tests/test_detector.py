@@ -158,26 +158,6 @@ def test_test_flip_averages_the_image_and_its_mirror_everywhere(fake_backbones, 
     assert Detector.load(write_raw(tmp_path / "before.safetensors", meta, tensors)).config.test_flip is False
 
 
-def test_keep_aspect_reads_parts_of_other_shapes_unsquashed(fake_backbones, parts, tmp_path):
-    """Parts of mixed shapes: with keep_aspect (the default) a part of another shape scores
-    differently than squashed, a part of the category's shape the same; saved models keep the
-    setting and files from before it load with the old squashing."""
-    wide = [np.ascontiguousarray(x[16:-16]) for x in parts["test"][:2]]  # cut to another shape
-    train, test = parts["train"][:3], [*wide, *parts["test"][2:4]]
-    keep = Detector("semantic", **FAST).fit(train)
-    squash = Detector("semantic", keep_aspect=False, **FAST).fit(train)
-    assert keep.config.keep_aspect and keep.aspect == squash.aspect == 1.0
-    kept, squashed = [p.score for p in keep.predict(test)], [p.score for p in squash.predict(test)]
-    assert kept[2:] == squashed[2:] and kept[:2] != squashed[:2]
-    assert [p.score for p in Detector.load(keep.save(tmp_path / "keep.safetensors")).predict(test)] == kept
-    meta, tensors = read_raw(squash.save(tmp_path / "squash.safetensors"))
-    del meta["config"]["keep_aspect"]
-    before = Detector.load(write_raw(tmp_path / "before.safetensors", meta, tensors))
-    assert before.config.keep_aspect is False and [p.score for p in before.predict(test)] == squashed
-    with pytest.raises(ValueError, match="keep_aspect"):
-        Detector("semantic", keep_aspect="yes")
-
-
 def test_the_flip_is_on_above_few_shots_by_default_and_saved_resolved(fake_backbones, parts, tmp_path):
     from astfad.config import FEW_SHOTS
 

@@ -55,30 +55,6 @@ def images(n=3, seed=0, shape=(90, 150)):
     return [rng.integers(0, 256, (*shape, 3), dtype=np.uint8) for _ in range(n)]
 
 
-# ---------------------------------------------------------------- grids
-
-
-@pytest.mark.parametrize("mirrored", [False, True])
-def test_keep_aspect_reads_each_image_at_its_own_shape(mirrored):
-    """An image of another shape is read unsquashed and its features resampled to the category's
-    feature grid; an image of the category's shape is read exactly as without keep_aspect."""
-    import torch.nn.functional as F
-
-    vit = tiny_vit()
-    args = (vit, 112, 14, semantic_reader(vit, (1, 2)), vit.backbone_id, CPU, 2)
-    squash, keep = Featurizer(*args), Featurizer(*args, keep_aspect=True)
-    wide, square = images(1, shape=(60, 150))[0], images(1, 1, shape=(90, 90))[0]
-    out = keep([wide, square], 1.0, mirrored=mirrored)
-    assert out.shape == squash([wide, square], 1.0, mirrored=mirrored).shape == (2, 2 * vit.embed_dim, 8, 8)
-    assert torch.equal(out[1], squash([square], 1.0, mirrored=mirrored)[0])
-    own = squash([wide], 150 / 60, mirrored=mirrored)  # the wide image on its own grid
-    assert own.shape[-2:] != out.shape[-2:]
-    resampled = F.interpolate(own, size=(8, 8), mode="bilinear", antialias=True, align_corners=False)
-    assert torch.allclose(out[0], resampled[0], atol=1e-6)
-    assert not torch.allclose(out[0], squash([wide], 1.0, mirrored=mirrored)[0], atol=1e-3)
-    assert keep.identity != squash.identity  # one shared cache never mixes the two readings
-
-
 # ---------------------------------------------------------------- runtime choice and threads
 
 

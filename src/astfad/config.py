@@ -156,10 +156,6 @@ class DetectorConfig:
     # None: on when fitted with more than FEW_SHOTS images (leave-one-category-out, README)
     test_flip: bool | None = None
     aspect_ratio: float | None = None  # width / height; None: median of the fitted images
-    # each image read by the backbones at its own aspect ratio (same pixel count), its features then
-    # resampled to the category's grid, instead of squashing it to the category's aspect: differs
-    # only where a category's images differ in shape (magnetic_tile: benchmarks/README.md)
-    keep_aspect: bool = True
     # normalisation and thresholds (from normal data only)
     normaliser: str = "zscore"  # or "robust" (median / MAD)
     target_fpr: float = 0.01  # false alarms on good parts the image threshold allows
@@ -199,7 +195,7 @@ class DetectorConfig:
         if unknown or not self.auto_experts:
             raise ValueError(f"auto_experts must name experts of {', '.join(SINGLE_STRATEGIES)}, got "
                              f"{list(self.auto_experts)}")
-        for name in ("auto_fusions", "auto_image_score", "keep_aspect"):
+        for name in ("auto_fusions", "auto_image_score"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.test_flip is not None and not isinstance(self.test_flip, bool):

@@ -161,16 +161,14 @@ class Detector:
                 read = texture_reader(backbone, cfg.texture_pool, TEXTURE_MAX_DIMS)
                 identity = f"{backbone.backbone_id}|pool{cfg.texture_pool}"
                 self.featurizers[family] = Featurizer(backbone, cfg.texture_size, 16, read, identity,
-                                                      self.device, 8, self.cache, cfg.runtime, cfg.threads,
-                                                      cfg.keep_aspect)
+                                                      self.device, 8, self.cache, cfg.runtime, cfg.threads)
             elif family == "semantic":
                 backbone = load_backbone(cfg.semantic_backbone, cfg.semantic_weights, self.device)
                 layers = semantic_layers(cfg, backbone.num_blocks)
                 identity = f"{backbone.backbone_id}|layers{','.join(map(str, layers))}"
                 self.featurizers[family] = Featurizer(backbone, cfg.semantic_size, backbone.patch_size,
                                                       semantic_reader(backbone, layers), identity,
-                                                      self.device, 4, self.cache, cfg.runtime, cfg.threads,
-                                                      cfg.keep_aspect)
+                                                      self.device, 4, self.cache, cfg.runtime, cfg.threads)
             else:
                 raise ValueError(f"unknown feature family '{family}'")
         return self.featurizers[family]
@@ -662,8 +660,7 @@ class Detector:
         fitted with `semantic_weights=X` needs `Detector.load(path, semantic_weights=X)` again."""
         path = Path(path)
         meta, tensors = read_model_file(path, FORMAT_VERSION)
-        # files from before the flip and before keep_aspect were fitted without them
-        config = {"test_flip": False, "keep_aspect": False, **meta["config"]}
+        config = {"test_flip": False, **meta["config"]}  # files from before the flip were fitted without
         config["threads"] = None  # this machine's cores, not those of the one that fitted it
         if device is not None:
             config["device"] = device

@@ -42,10 +42,6 @@ from astfad.runtime.ort import OPSET, export_onnx
 from astfad.scoring import image_scores, to_eval_grid
 
 FORMAT = "astfad-onnx-1"
-# the graph reads one fixed grid: images of another shape are squashed to it, where predict reads them
-# at their own aspect (keep_aspect) and resamples the features
-KEEP_ASPECT_NOTE = ("; images of another aspect ratio than this grid's are squashed to it here, while "
-                    "astfad's predict reads them unsquashed (keep_aspect): their scores differ from predict's")
 
 
 def _nearest_distance(queries: torch.Tensor, bank: torch.Tensor, bank_sq: torch.Tensor | None,
@@ -134,8 +130,7 @@ def describe(detector: Detector, graph_name: str) -> dict[str, Any]:
             "name": f"{family}_image", "shape": ["batch", 3, height, width], "dtype": "float32",
             "layout": "NCHW, RGB in [0, 1] (uint8 / 255)",
             "resize": "bilinear with antialiasing to (height, width) from the decoded RGB image "
-                      "(PIL: Image.resize((width, height), Image.BILINEAR) on each float32 channel)"
-                      + (KEEP_ASPECT_NOTE if detector.config.keep_aspect else ""),
+                      "(PIL: Image.resize((width, height), Image.BILINEAR) on each float32 channel)",
             "backbone": featurizer.backbone.backbone_id,
             "normalisation_in_graph": _normalisation(featurizer.backbone)})
     eval_h, eval_w = detector.eval_grid()

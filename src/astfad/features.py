@@ -32,16 +32,12 @@ def resolve_device(device: str) -> torch.device:
 
 
 class Featurizer:
-    """Images -> (N, C, h, w) patch features on the CPU, float32, in batches, with a cache.
-
-    With `keep_aspect`, an image of another shape than the category's is read on a grid of the same
-    pixel count at its own aspect ratio (no squashing: a round blowhole stays round for the ViT) and
-    its features are resampled to the category's grid, so all images still share one grid."""
+    """Images -> (N, C, h, w) patch features on the CPU, float32, in batches, with a cache."""
 
     def __init__(self, backbone: torch.nn.Module, size: int, multiple: int,
                  read: Callable[[torch.Tensor], torch.Tensor], identity: str,
                  device: torch.device, batch_size: int, cache: FeatureCache | None = None,
-                 runtime: str = "torch", threads: int | None = None, keep_aspect: bool = False) -> None:
+                 runtime: str = "torch", threads: int | None = None) -> None:
         self.backbone = backbone.to(device)
         self.size = size
         self.multiple = multiple
@@ -49,25 +45,20 @@ class Featurizer:
         self.threads = apply_threads(threads)
         self.runtime = backbone_runtime(runtime, device, backbone)
         self.read = read
-        self.identity = f"{identity}|keep-aspect" if keep_aspect else identity
+        self.identity = identity
         if self.runtime != "torch":
             if not isinstance(read, torch.nn.Module):
                 raise ValueError(f"runtime '{runtime}' needs the reader as a torch module to export")
             precision = "int8" if self.runtime == "onnxruntime_int8" else "fp32"
             graph = reader_graph(read, identity, (4 * multiple, 4 * multiple), precision)
             self.read = OnnxReader(graph, self.threads)
-            self.identity = f"{self.identity}|{self.runtime}"  # features differ slightly from torch's
-        self.keep_aspect = keep_aspect
+            self.identity = f"{identity}|{self.runtime}"  # features differ slightly from torch's
         self.device = device
         self.batch_size = batch_size
         self.cache = cache if cache is not None else {}
 
     def grid(self, aspect: float) -> tuple[int, int]:
         return grid_for(self.size, aspect, self.multiple)
-
-    def read_grid(self, image: np.ndarray, grid: tuple[int, int]) -> tuple[int, int]:
-        """The grid an image is read on: its own aspect's with `keep_aspect`, else the category's."""
-        return self.grid(image.shape[1] / image.shape[0]) if self.keep_aspect else grid
 
     def __call__(self, images: Sequence[np.ndarray], aspect: float,
                  keys: Sequence[str | None] | None = None, mirrored: bool = False) -> torch.Tensor:
@@ -78,25 +69,17 @@ class Featurizer:
         keys = list(keys) if keys is not None else [None] * len(images)
         out: list[torch.Tensor | None] = [
             self.cache.get((self.identity, grid, key)) if key is not None else None for key in keys]
-        todo: dict[tuple[int, int], list[int]] = {}  # images to read, by the grid they are read on
-        for i, feat in enumerate(out):
-            if feat is None:
-                todo.setdefault(self.read_grid(images[i], grid), []).append(i)
-        for read_grid, indices in todo.items():
-            for start in range(0, len(indices), self.batch_size):
-                chunk = indices[start:start + self.batch_size]
-                batch = to_batch([images[i] for i in chunk], read_grid).to(self.device)
-                with torch.inference_mode():
-                    feats = self.read(batch.flip(-1)).flip(-1) if mirrored else self.read(batch)
-                    feats = feats.float()
-                    if read_grid != grid:  # to the feature grid the category's input grid gives
-                        size = (grid[0] * feats.shape[-2] // read_grid[0], grid[1] * feats.shape[-1] // read_grid[1])
-                        feats = F.interpolate(feats, size=size, mode="bilinear", antialias=True, align_corners=False)
-                    feats = feats.cpu()
-                for i, feat in zip(chunk, feats):
-                    out[i] = feat.clone()
-                    if keys[i] is not None:
-                        self.cache[(self.identity, grid, keys[i])] = out[i]
+        todo = [i for i, feat in enumerate(out) if feat is None]
+        for start in range(0, len(todo), self.batch_size):
+            chunk = todo[start:start + self.batch_size]
+            batch = to_batch([images[i] for i in chunk], grid).to(self.device)
+            with torch.inference_mode():
+                feats = self.read(batch.flip(-1)).flip(-1) if mirrored else self.read(batch)
+                feats = feats.float().cpu()
+            for i, feat in zip(chunk, feats):
+                out[i] = feat.clone()
+                if keys[i] is not None:
+                    self.cache[(self.identity, grid, keys[i])] = out[i]
         if not out:
             raise ValueError("no images to extract features from")
         return torch.stack(out)  # type: ignore[arg-type]

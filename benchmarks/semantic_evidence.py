@@ -187,7 +187,7 @@ def report(rows: list[dict], sigma: float) -> None:
             print(f"| {v[0]} {','.join(map(str, v[1]))} {'R' if v[2] else '-'}{'T' if v[3] else '-'} {v[4]} | "
                   + " | ".join("/".join(f"{x:.1f}" for x in cell) for cell in cells)
                   + " | " + "/".join(f"{x:.1f}" for x in np.mean(cells, axis=0)) + " |")
-        if DEFAULT not in done:
+        if DEFAULT not in done or len(categories) < 2:  # leave-one-out needs other categories to choose on
             continue
         held = []
         for c, best in held_out_best(categories, done, lambda o, v: value[(o, v)][0]).items():

@@ -2,11 +2,11 @@
 size, the grid (`category`: every image resized to the category's median aspect, the detector's
 rule; `image`: each image on a grid of the same pixel count at its own aspect, so no image is
 squashed, its map resized to the evaluation grid after; `resampled`: the same features resampled
-to the category's feature grid, as the detector does; `short_side`: each image at its own aspect
-with its short side at the size, AnomalyDINO's rule, more tokens for an elongated image), and
-horizontal flips (of the references:
-more normal variants in the bank; of the test image: test-time augmentation, its map averaged with
-the flipped-back map of the mirror image)?
+to the category's feature grid, the cheap way for a detector whose features share one grid;
+`short_side`: each image at its own aspect with its short side at the size, AnomalyDINO's rule, more
+tokens for an elongated image), and horizontal flips (of the references: more normal variants in
+the bank; of the test image: test-time augmentation, its map averaged with the flipped-back map of
+the mirror image, read as the detector reads it)?
 
 Runs the semantic expert (cosine patch kNN, references rotated as the detector does, the
 detector's scoring protocol) for every (blocks, reference flips, test flips) variant on real
@@ -17,8 +17,9 @@ mean image AUROC on the other categories, per shot count) against the default (4
 category grid, no flips, at --sigma), so that a setting is adopted only when every fold picks it
 (benchmarks/README.md).
 
-Rows are kept per size and grid in --out-dir (semantic_evidence_<size>[_image].json; rows written
-before --sigma existed were smoothed with sigma 4); a rerun only re-reports.
+Rows are kept in --out-dir, one file per size, grid, sigma and category selection (the file name
+says which), so a rerun with the same arguments only re-reports and one with others never reuses
+rows made otherwise.
 
     OMP_NUM_THREADS=2 python benchmarks/semantic_evidence.py --data ../shared/data --sizes 448 672 \
         --shots 1 4 --seeds 0 1 2 --sets "7;6,7,8"
@@ -88,19 +89,23 @@ def image_aspect(image: np.ndarray) -> float:
 
 
 def featurize_all(featurize: Callable[[int], Featurizer], size: int, images: list[np.ndarray], aspect: float,
-                  grid: str) -> list[torch.Tensor]:
-    """(D, h, w) float16 features per image: in batches of 8 on the category's grid, or one by one
+                  grid: str, mirrored: bool = False) -> list[torch.Tensor]:
+    """(D, h, w) float16 features per image (`mirrored`: of the mirror images, flipped back, as the
+    detector's test-time flip reads them): in batches of 8 on the category's grid, or one by one
     on each image's own grid (`featurize(size)`: the featurizer of an equal-area size)."""
     if grid == "category":
-        return [f.half() for j in range(0, len(images), 8) for f in featurize(size)(images[j:j + 8], aspect)]
+        return [f.half() for j in range(0, len(images), 8)
+                for f in featurize(size)(images[j:j + 8], aspect, mirrored=mirrored)]
     out = []
     for image in images:
         a = image_aspect(image)
         area_size = int(round(size * math.sqrt(max(a, 1 / a)))) if grid == "short_side" else size
-        feat = featurize(area_size)([image], a)
+        feat = featurize(area_size)([image], a, mirrored=mirrored)
         if grid == "resampled":
-            h, w = featurize(size).grid(aspect)
-            feat = F.interpolate(feat, size=(h // 14, w // 14), mode="bilinear", antialias=True)
+            category = featurize(size)
+            h, w = category.grid(aspect)
+            feat = F.interpolate(feat, size=(h // category.multiple, w // category.multiple), mode="bilinear",
+                                 antialias=True)
         out.append(feat[0].half())
     return out
 
@@ -131,7 +136,7 @@ def collect(data: Path, size: int, grid_rule: str, sigma: float, shots: list[int
                                          labels=tests.labels[keep], pixel_valid=tests.pixel_valid[keep])
             start = time.perf_counter()
             plain = featurize_all(featurize, size, [tests.images[i] for i in keep], aspect, grid_rule)
-            mirror = featurize_all(featurize, size, [hflip(tests.images[i]) for i in keep], aspect, grid_rule)
+            mirror = featurize_all(featurize, size, [tests.images[i] for i in keep], aspect, grid_rule, mirrored=True)
             print(f"{category.name}: {len(keep)} test images, {(time.perf_counter() - start) / len(keep) / 2:.2f} "
                   f"s/image at {size}, {grid_rule} grid", flush=True)
             for k, seed in itertools.product(shots, seeds):
@@ -147,12 +152,12 @@ def collect(data: Path, size: int, grid_rule: str, sigma: float, shots: list[int
                         patch_owners = torch.cat([torch.full((f[0].numel(),), o) for f, o in zip(ref_feats, owners)])
                         expert.fit(bank.float()[None, :, None], patch_owners[None, None])
 
-                        def eval_maps(feats: list[torch.Tensor], mirrored: bool) -> torch.Tensor:
-                            raw = [expert.distances(f[cols[layer_set]].float()[None]) for f in feats]
-                            return torch.cat([to_eval_grid(r.flip(-1) if mirrored else r, grid, sigma) for r in raw])
+                        def eval_maps(feats: list[torch.Tensor]) -> torch.Tensor:
+                            return torch.cat([to_eval_grid(expert.distances(f[cols[layer_set]].float()[None]), grid, sigma)
+                                              for f in feats])
 
-                        base = eval_maps(plain, False)
-                        both = (base + eval_maps(mirror, True)) / 2
+                        base = eval_maps(plain)
+                        both = (base + eval_maps(mirror)) / 2
                         for test_flips, maps in ((False, base), (True, both)):
                             m = subset.metrics(image_scores(maps).numpy(), maps.numpy())
                             rows.append({"category": category.name, "size": size, "shots": k, "seed": seed,
@@ -164,11 +169,10 @@ def collect(data: Path, size: int, grid_rule: str, sigma: float, shots: list[int
 
 
 def variant(row: dict) -> tuple:
-    return (row["size"], tuple(row["blocks"]), row["ref_flips"], row["test_flips"], row.get("grid", "category"))
+    return (row["size"], tuple(row["blocks"]), row["ref_flips"], row["test_flips"], row["grid"])
 
 
 def report(rows: list[dict], sigma: float) -> None:
-    rows = [r for r in rows if r.get("sigma", 4.0) == sigma]
     categories = sorted({r["category"] for r in rows})
     variants = sorted({variant(r) for r in rows})
     for k in sorted({r["shots"] for r in rows}):
@@ -208,16 +212,16 @@ def main() -> None:
     parser.add_argument("--sets", default="7;6,7,8", help="block sets, e.g. '7;6,7,8'")
     parser.add_argument("--grids", nargs="+", choices=("category", "image", "resampled", "short_side"), default=["category"])
     parser.add_argument("--sigma", type=float, default=DetectorConfig().blur_sigma,
-                        help="smoothing of the maps (the detector's default; the first rows used 4)")
+                        help="smoothing of the maps (default: the detector's)")
     parser.add_argument("--categories", nargs="+", help="only these categories (default: all)")
     parser.add_argument("--out-dir", type=Path, default=Path("runs"))
     args = parser.parse_args()
     sets = [tuple(int(b) for b in s.split(",")) for s in args.sets.split(";")]
     only = set(args.categories) if args.categories else None
     rows = []
+    selection = f"_{'+'.join(sorted(only))}" if only else ""
     for size, grid in itertools.product(args.sizes, args.grids):
-        suffix = "" if grid == "category" else f"_{grid}"
-        rows += cached_rows(args.out_dir / f"semantic_evidence_{size}{suffix}.json",
+        rows += cached_rows(args.out_dir / f"semantic_evidence_{size}_{grid}_sigma{args.sigma:g}{selection}.json",
                             lambda: collect(args.data, size, grid, args.sigma, args.shots, args.seeds, sets,
                                             args.per_type, only))
     report(rows, args.sigma)

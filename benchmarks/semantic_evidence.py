@@ -4,7 +4,8 @@ rule; `image`: each image on a grid of the same pixel count at its own aspect, s
 squashed, its map resized to the evaluation grid after; `resampled`: the same features resampled
 to the category's feature grid, the cheap way for a detector whose features share one grid;
 `short_side`: each image at its own aspect with its short side at the size, AnomalyDINO's rule, more
-tokens for an elongated image), and horizontal flips (of the references: more normal variants in
+tokens for an elongated image; `test_image`: the references on the category grid, each test image
+on its own, what a detector gets by changing only its predict path), and horizontal flips (of the references: more normal variants in
 the bank; of the test image: test-time augmentation, its map averaged with the flipped-back map of
 the mirror image, read as the detector reads it)?
 
@@ -144,7 +145,8 @@ def collect(data: Path, size: int, grid_rule: str, sigma: float, shots: list[int
                 angles = reference_angles(k, aspect, None)
                 for ref_flips in (False, True):
                     refs, owners = references(images, angles, ref_flips)
-                    ref_feats = featurize_all(featurize, size, refs, aspect, grid_rule)
+                    ref_grid = "category" if grid_rule == "test_image" else grid_rule
+                    ref_feats = featurize_all(featurize, size, refs, aspect, ref_grid)
                     for layer_set in sets:
                         expert = SemanticExpert()
                         # every reference patch as one row of a (1, D, 1, P) map: grids may differ
@@ -210,7 +212,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--per-type", type=int, default=40, help="max test images per defect type")
     parser.add_argument("--sets", default="7;6,7,8", help="block sets, e.g. '7;6,7,8'")
-    parser.add_argument("--grids", nargs="+", choices=("category", "image", "resampled", "short_side"), default=["category"])
+    parser.add_argument("--grids", nargs="+", choices=("category", "image", "resampled", "short_side", "test_image"), default=["category"])
     parser.add_argument("--sigma", type=float, default=DetectorConfig().blur_sigma,
                         help="smoothing of the maps (default: the detector's)")
     parser.add_argument("--categories", nargs="+", help="only these categories (default: all)")

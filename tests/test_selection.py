@@ -5,8 +5,8 @@ import pytest
 
 from astfad.data.synthetic import ANOMALY_KINDS
 from astfad.selection import (PAPER_PRESET, Evidence, SelectionReport, choose_image_score, choose_strategy,
-                              load_pinned, pixel_fractions, pinned_strategy, separation, synthetic_anomalies,
-                              validation_terms)
+                              load_pinned, pixel_fractions, pinned_strategy, rule_scores, separation,
+                              synthetic_anomalies, validation_terms)
 
 
 def test_paper_preset_reproduces_the_seed_table():
@@ -133,18 +133,18 @@ def test_image_score_rule_follows_the_separation_of_the_validation():
     normal = _maps_with(rng, 8)
     # defects of one hot pixel, which a top-1% mean (10 pixels here) dilutes: max separates further
     spots = Evidence(np.zeros(8), normal, np.zeros(24), _maps_with(rng, 24, spot=12.0))
-    chosen = choose_image_score(spots, "top1")
+    chosen = choose_image_score(rule_scores(spots), "top1")
     assert chosen["choice"] == "max" and chosen["separation"]["max"] > chosen["separation"]["top1"]
     assert "further than 'top1'" in chosen["reason"]
     # broad faint defects, over which a noisy maximum wanders: the top-1% mean separates further
     patches = Evidence(np.zeros(8), normal, np.zeros(24), _maps_with(rng, 24, patch=2.5))
-    chosen = choose_image_score(patches, "top1")
+    chosen = choose_image_score(rule_scores(patches), "top1")
     assert chosen["choice"] == "top1" and chosen["reason"].startswith("the default")
-    assert choose_image_score(patches, "max")["choice"] == "top1"  # a default that separates less gives way
+    assert choose_image_score(rule_scores(patches), "max")["choice"] == "top1"  # a default that separates less gives way
     same = Evidence(np.zeros(8), normal, np.zeros(8), normal)
-    assert choose_image_score(same, "max")["choice"] == "max"
+    assert choose_image_score(rule_scores(same), "max")["choice"] == "max"
     with pytest.raises(ValueError, match="reweight"):
-        choose_image_score(spots, "reweight")
+        choose_image_score(rule_scores(spots), "reweight")
 
 
 def test_separation_is_in_units_of_the_normal_spread_and_survives_constant_scores():

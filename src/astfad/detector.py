@@ -432,7 +432,7 @@ class Detector:
         self.selection_terms = validation_terms(evidence, true_masks)
         report = choose_strategy(self.selection_terms, DEFAULT_STRATEGY, cfg.seed, notes, validation)
         if cfg.auto_image_score and cfg.image_score in MAP_SCORE_RULES:
-            report.image_score = choose_image_score(evidence[report.choice], cfg.image_score)
+            report.image_score = choose_image_score(self.selection_terms[report.choice], cfg.image_score)
             self.image_score = report.image_score["choice"]
         return report
 

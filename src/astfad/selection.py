@@ -196,11 +196,23 @@ def pixel_fractions(evidence: Evidence, masks: np.ndarray) -> np.ndarray:
     return out
 
 
+def rule_scores(evidence: Evidence) -> dict[str, np.ndarray]:
+    """The normal and anomalous validation images' scores under each rule of MAP_SCORE_RULES
+    ("normal_<rule>", "anomalous_<rule>"): what the image-score rule is chosen on."""
+    out = {}
+    for kind, maps in (("normal", evidence.normal_maps), ("anomalous", evidence.anomalous_maps)):
+        flat = torch.from_numpy(np.ascontiguousarray(maps))
+        out.update({f"{kind}_{rule}": image_scores(flat, rule).numpy() for rule in MAP_SCORE_RULES})
+    return out
+
+
 def validation_terms(evidence: dict[str, Evidence], masks: np.ndarray) -> dict[str, dict[str, np.ndarray]]:
-    """Each candidate's (M, N) image and pixel terms (see the module doc): everything the rule
-    needs, small enough for a benchmark to keep, so that a rule or a candidate set can be replayed
-    on recorded validations (benchmarks/auto_candidates.py)."""
-    return {name: {"image": image_fractions(ev), "pixel": pixel_fractions(ev, masks)} for name, ev in evidence.items()}
+    """Each candidate's (M, N) image and pixel terms (see the module doc) and its `rule_scores`:
+    everything the rules need, small enough for a benchmark to keep, so that a rule or a candidate
+    set can be replayed on recorded validations (benchmarks/auto_candidates.py,
+    benchmarks/selection_evidence.py)."""
+    return {name: {"image": image_fractions(ev), "pixel": pixel_fractions(ev, masks), **rule_scores(ev)}
+            for name, ev in evidence.items()}
 
 
 def choose_strategy(terms: dict[str, dict[str, np.ndarray]], default: str = DEFAULT_STRATEGY, seed: int = 0,
@@ -261,16 +273,14 @@ def separation(normal_scores: np.ndarray, anomalous_scores: np.ndarray) -> float
     return float((np.median(anomalous_scores) - normal.mean()) / spread)
 
 
-def choose_image_score(evidence: Evidence, default: str) -> dict[str, Any]:
-    """The image-score rule of MAP_SCORE_RULES whose scores separate `evidence`'s anomalous
-    images furthest from its normal ones (module doc); `default` unless another does strictly
-    better. Returns {"choice", "reason", "separation": rule -> separation}."""
+def choose_image_score(term: dict[str, np.ndarray], default: str) -> dict[str, Any]:
+    """The image-score rule of MAP_SCORE_RULES whose scores (a candidate's `rule_scores`, as in
+    its validation term) separate the anomalous validation images furthest from the normal ones
+    (module doc); `default` unless another does strictly better. Returns {"choice", "reason",
+    "separation": rule -> separation}."""
     if default not in MAP_SCORE_RULES:
         raise ValueError(f"image-score rule '{default}' is not one of {MAP_SCORE_RULES}")
-    normal, anomalous = (torch.from_numpy(np.ascontiguousarray(m)) for m in (evidence.normal_maps,
-                                                                              evidence.anomalous_maps))
-    values = {rule: separation(image_scores(normal, rule).numpy(), image_scores(anomalous, rule).numpy())
-              for rule in MAP_SCORE_RULES}
+    values = {rule: separation(term[f"normal_{rule}"], term[f"anomalous_{rule}"]) for rule in MAP_SCORE_RULES}
     best = max(values, key=lambda rule: (values[rule], rule == default))
     if best == default:
         reason = "the default: no rule separates the validation anomalies further"

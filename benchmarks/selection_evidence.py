@@ -1,0 +1,168 @@
+"""Which selection rule should `auto` use? Records every auto cell's validation and what each of its
+choices would score on the test set, then replays rules on the records.
+
+For every category, shot count and seed this fits `Detector("auto")` as the benchmark does and
+keeps its validation terms (selection.validation_terms: the pixel and image terms of each candidate
+and its validation images' scores under each image-score rule), the choice it made, and, for every
+candidate expert and image-score rule, the test set's image AUROC (pixel AUROC and AUPRO once per
+expert, on every second row and column of the evaluation grid). Test features are cached per
+category, so one backbone pass per test image (two above 4 shots, the test-time flip).
+
+Then each rule of RULES is replayed on the records: its choice of expert and image-score rule in
+every cell, read off the recorded test figures. Prints, per shot count, each rule's image AUROC per
+category and its mean image / pixel AUROC / AUPRO, the fixed experts and the per-category oracle,
+and the leave-one-category-out choice of the rule (best mean image AUROC over every shot count on
+the other categories) with its held-out mean: the tuning protocol of benchmarks/README.md. The
+`current` rule must reproduce the recorded choices (checked).
+
+    OMP_NUM_THREADS=1 python benchmarks/selection_evidence.py --data ../shared/data --shots 1 4 16 \
+        --seeds 0 1 2 --out runs/selection_real.json
+    python benchmarks/selection_evidence.py --rows runs/selection_real.json runs/selection_gen.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from astfad.benchmark import category_aspect, load_test_set
+from astfad.config import DetectorConfig
+from astfad.data.datasets import sample_shots, scan_dataset
+from astfad.detector import Detector
+from astfad.metrics import image_auroc
+from astfad.scoring import image_scores
+from astfad.selection import DEFAULT_STRATEGY, MAP_SCORE_RULES, choose_image_score, choose_strategy
+from cached_rows import cached_rows
+from protocol import held_out_best
+
+PIXEL_STRIDE = 2
+MEASURES = ("image_auroc", "pixel_auroc", "aupro")
+
+
+def collect(data: Path, shots: list[int], seeds: list[int], partial: Path) -> list[dict[str, Any]]:
+    """The records; each cell is also written to `partial` as it comes, and a rerun after a stop
+    continues from there."""
+    rows = json.loads(partial.read_text()) if partial.exists() else []
+    done = {(r["category"], r["shots"], r["seed"]) for r in rows}
+    for category in scan_dataset(data):
+        if all((category.name, k, seed) in done for k in shots for seed in seeds):
+            continue
+        aspect = category_aspect(category)
+        cache: dict = {}
+        tests = load_test_set(category, DetectorConfig().eval_grid(aspect), print)
+        strided = replace(tests, masks=tests.masks[:, ::PIXEL_STRIDE, ::PIXEL_STRIDE])
+        for k in shots:
+            for seed in seeds:
+                if (category.name, k, seed) in done:
+                    continue
+                train = [s.path for s in sample_shots(category.train, k, seed, "random")]
+                det = Detector("auto", cache=cache, aspect_ratio=aspect, seed=seed).fit(train)
+                _, expert_maps = det.maps_of(tests.images, tests.keys, "all")
+                test = {}
+                for name in det.selection_terms:
+                    maps = det.combine(name, expert_maps)
+                    figures = strided.metrics(image_scores(maps, "top1").numpy(),
+                                              maps[:, ::PIXEL_STRIDE, ::PIXEL_STRIDE].numpy())
+                    test[name] = {"pixel_auroc": figures["pixel_auroc"], "aupro": figures["aupro"],
+                                  **{rule: image_auroc(tests.labels, image_scores(maps, rule).numpy())
+                                     for rule in MAP_SCORE_RULES}}
+                rows.append({"category": category.name, "shots": k, "seed": seed, "choice": det.strategy,
+                             "image_score": det.image_score, "test": test,
+                             "terms": {n: {key: v.tolist() for key, v in term.items()}
+                                       for n, term in det.selection_terms.items()}})
+                partial.parent.mkdir(parents=True, exist_ok=True)
+                partial.write_text(json.dumps(rows))
+                print(category.name, k, seed, det.strategy, det.image_score, flush=True)
+    return rows
+
+
+Terms = dict[str, dict[str, np.ndarray]]
+Rule = Callable[[Terms, int], tuple[str, str]]  # (terms, seed) -> (expert, image-score rule)
+
+
+def current(terms: Terms, seed: int) -> tuple[str, str]:
+    """Today's rule: the pixel measure with its bootstrap margin, then the image-score rule."""
+    choice = choose_strategy(terms, DEFAULT_STRATEGY, seed).choice
+    return choice, choose_image_score(terms[choice], "top1")["choice"]
+
+
+RULES: dict[str, Rule] = {"current": current}
+
+
+def replay(rows: list[dict[str, Any]], rules: dict[str, Rule]) -> dict[tuple[str, str, int], list[tuple]]:
+    """{(rule, category, shots): [(image AUROC, pixel AUROC, AUPRO) per seed]}, the fixed experts
+    under `<expert>` and the per-category oracle of the experts (top-1% mean) under `oracle`."""
+    out: dict[tuple[str, str, int], list[tuple]] = {}
+    for row in rows:
+        terms = {n: {k: np.asarray(v, float) for k, v in t.items()} for n, t in row["terms"].items()}
+        test, key = row["test"], (row["category"], row["shots"])
+
+        def figures(expert: str, rule: str) -> tuple[float, float, float]:
+            return test[expert][rule], test[expert]["pixel_auroc"], test[expert]["aupro"]
+        for name, rule in rules.items():
+            expert, score = rule(terms, row["seed"])
+            if name == "current" and (expert, score) != (row["choice"], row["image_score"]):
+                raise SystemExit(f"the current rule does not reproduce {key} seed {row['seed']}: "
+                                 f"{expert}/{score} against {row['choice']}/{row['image_score']}")
+            out.setdefault((name, *key), []).append(figures(expert, score))
+        for expert in test:
+            out.setdefault((expert, *key), []).append(figures(expert, "top1"))
+    for (name, category, shots) in list(out):
+        if name in rows[0]["test"]:
+            experts = [e for e in rows[0]["test"]]
+            best = max(experts, key=lambda e: np.mean([f[0] for f in out[(e, category, shots)]]))
+            out[("oracle", category, shots)] = out[(best, category, shots)]
+    return out
+
+
+def report(rows: list[dict[str, Any]]) -> None:
+    results = replay(rows, RULES)
+    categories = sorted({r["category"] for r in rows})
+    shot_counts = sorted({r["shots"] for r in rows})
+    names = [*RULES, *rows[0]["test"], "oracle"]
+
+    def mean(name: str, category: str, shots: int, measure: int = 0) -> float:
+        return 100 * float(np.mean([f[measure] for f in results[(name, category, shots)]]))
+    for k in shot_counts:
+        print(f"\n{k} shot(s): image AUROC per category, mean image / pixel AUROC / AUPRO (%, mean over seeds)")
+        print("| rule | " + " | ".join(categories) + " | mean |")
+        print("|---|" + "---|" * (len(categories) + 1))
+        for name in names:
+            means = [np.mean([mean(name, c, k, m) for c in categories]) for m in range(3)]
+            print(f"| {name} | " + " | ".join(f"{mean(name, c, k):.1f}" for c in categories)
+                  + " | " + " / ".join(f"{x:.1f}" for x in means) + " |")
+    if len(RULES) > 1:
+        chosen = held_out_best(categories, list(RULES),
+                               lambda c, name: np.mean([mean(name, c, k) for k in shot_counts]))
+        print("\nleave-one-category-out (mean over shot counts): " + ", ".join(f"{c} {chosen[c]}" for c in categories))
+        for k in shot_counts:
+            print(f"{k} shot(s): held out {np.mean([mean(chosen[c], c, k) for c in categories]):.1f}, "
+                  f"current {np.mean([mean('current', c, k) for c in categories]):.1f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, default=Path("../shared/data"))
+    parser.add_argument("--shots", type=int, nargs="+", default=[1, 4, 16])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--out", type=Path, default=Path("runs/selection_evidence.json"))
+    parser.add_argument("--rows", type=Path, nargs="+", help="report on these recorded runs together")
+    args = parser.parse_args()
+    if args.rows:
+        rows = [row for path in args.rows for row in json.loads(path.read_text())]
+    else:
+        rows = cached_rows(args.out, lambda: collect(args.data, args.shots, args.seeds,
+                                                           args.out.with_suffix(".partial.json")))
+    report(rows)
+
+
+if __name__ == "__main__":
+    torch.set_grad_enabled(False)
+    main()

@@ -38,7 +38,8 @@ from astfad.data.datasets import sample_shots, scan_dataset
 from astfad.detector import Detector
 from astfad.metrics import image_auroc
 from astfad.scoring import image_scores
-from astfad.selection import DEFAULT_STRATEGY, MAP_SCORE_RULES, choose_image_score, choose_strategy
+from astfad.selection import (BOOTSTRAP_RESAMPLES, DEFAULT_STRATEGY, FAMILY_ERROR, MAP_SCORE_RULES, choose_image_score,
+                              choose_strategy, separation)
 from cached_rows import cached_rows
 from protocol import held_out_best
 
@@ -93,7 +94,57 @@ def current(terms: Terms, seed: int) -> tuple[str, str]:
     return choice, choose_image_score(terms[choice], "top1")["choice"]
 
 
-RULES: dict[str, Rule] = {"current": current}
+def best_separation(term: dict[str, np.ndarray], normal: np.ndarray | slice = slice(None),
+                    anomalous: np.ndarray | slice = slice(None)) -> float:
+    """A candidate's separation under its better image-score rule (on a resample of its images)."""
+    return max(separation(term[f"normal_{r}"][normal], term[f"anomalous_{r}"][anomalous]) for r in MAP_SCORE_RULES)
+
+
+def by_separation(terms: Terms, seed: int) -> tuple[str, str]:
+    """The candidate whose image scores separate the validation anomalies furthest (the default
+    on a tie), with its better rule."""
+    choice = max(terms, key=lambda n: (best_separation(terms[n]), n == DEFAULT_STRATEGY))
+    return choice, choose_image_score(terms[choice], "top1")["choice"]
+
+
+def by_separation_bootstrap(terms: Terms, seed: int) -> tuple[str, str]:
+    """The default unless a candidate's best separation beats the default's on the bootstrap's
+    (5 / C)th percentile over joint resamples of the normal and the anomalous images (the
+    pixel rule's margin, applied to the image scores)."""
+    rng = np.random.default_rng(seed)
+    n, m = len(terms[DEFAULT_STRATEGY]["normal_top1"]), len(terms[DEFAULT_STRATEGY]["anomalous_top1"])
+    draws = [(rng.integers(0, n, n), rng.integers(0, m, m)) for _ in range(BOOTSTRAP_RESAMPLES // 4)]
+    lower = FAMILY_ERROR / max(1, len(terms) - 1)
+    base = np.array([best_separation(terms[DEFAULT_STRATEGY], a, b) for a, b in draws])
+    gains = {name: np.array([best_separation(term, a, b) for a, b in draws]) - base
+             for name, term in terms.items() if name != DEFAULT_STRATEGY}
+    winners = [name for name, gain in gains.items() if np.percentile(gain, lower) > 0]
+    choice = max(winners, key=lambda name: gains[name].mean()) if winners else DEFAULT_STRATEGY
+    return choice, choose_image_score(terms[choice], "top1")["choice"]
+
+
+def pixel_with_separation_veto(terms: Terms, seed: int) -> tuple[str, str]:
+    """Today's choice, unless the default's image scores separate the anomalies further than the
+    chosen candidate's: a challenger must win on both."""
+    choice, _ = current(terms, seed)
+    if best_separation(terms[choice]) < best_separation(terms[DEFAULT_STRATEGY]):
+        choice = DEFAULT_STRATEGY
+    return choice, choose_image_score(terms[choice], "top1")["choice"]
+
+
+def with_margin(margin: float) -> Rule:
+    """Today's rule with a challenger's bootstrap lower bound required to exceed `margin`."""
+    def rule(terms: Terms, seed: int) -> tuple[str, str]:
+        choice = choose_strategy(terms, DEFAULT_STRATEGY, seed, margin=margin).choice
+        return choice, choose_image_score(terms[choice], "top1")["choice"]
+    return rule
+
+
+MARGINS = (0.01, 0.02, 0.03, 0.04, 0.05, 0.06)
+RULES: dict[str, Rule] = {"current": current, "separation": by_separation,
+                          "separation, bootstrap": by_separation_bootstrap,
+                          "pixel, separation veto": pixel_with_separation_veto,
+                          **{f"pixel, margin {m:g}": with_margin(m) for m in MARGINS}}
 
 
 def replay(rows: list[dict[str, Any]], rules: dict[str, Rule]) -> dict[tuple[str, str, int], list[tuple]]:
@@ -124,8 +175,10 @@ def replay(rows: list[dict[str, Any]], rules: dict[str, Rule]) -> dict[tuple[str
 
 def report(rows: list[dict[str, Any]]) -> None:
     results = replay(rows, RULES)
-    categories = sorted({r["category"] for r in rows})
     shot_counts = sorted({r["shots"] for r in rows})
+    # categories recorded at every shot count (a run still in progress lacks some)
+    categories = sorted(c for c in {r["category"] for r in rows}
+                        if all((c, k) in {(r["category"], r["shots"]) for r in rows} for k in shot_counts))
     names = [*RULES, *rows[0]["test"], "oracle"]
 
     def mean(name: str, category: str, shots: int, measure: int = 0) -> float:

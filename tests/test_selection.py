@@ -84,6 +84,9 @@ def test_default_kept_unless_beaten_beyond_noise():
     better = {"semantic": _evidence(rng, 1.0), "texture": _evidence(rng, 4.0)}
     report = choose_strategy(validation_terms(better, masks), "semantic")
     assert report.choice == "texture" and report.scores["texture"]["gain_low"] > 0
+    # a margin the lower bound does not clear keeps the default
+    margin = report.scores["texture"]["gain_low"] + 0.01
+    assert choose_strategy(validation_terms(better, masks), "semantic", margin=margin).choice == "semantic"
     with pytest.raises(ValueError, match="default"):
         choose_strategy(validation_terms({"texture": better["texture"]}, masks), "semantic")
 

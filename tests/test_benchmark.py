@@ -248,6 +248,40 @@ def test_a_test_flip_row_scores_as_the_fitted_detector_predicts(fake_backbones, 
         assert row["image_auroc"] == pytest.approx(image_auroc([s.label for s in category.test], scores))
 
 
+def test_own_grid_rows_score_as_the_fitted_detector_predicts(fake_backbones, batch_data, tmp_path, monkeypatch):
+    """test_grid "own" on a test set of two image shapes (two good parts widened to 2:1): each
+    group of the test set is read on its own grid, and each row's image AUROC is that of the same
+    detector's predict, with and without the flip; zero-shot still scores on the category's grid."""
+    from PIL import Image
+
+    from astfad.benchmark import category_aspect
+    from astfad.metrics import image_auroc
+
+    data = tmp_path / "data"
+    shutil.copytree(batch_data, data)
+    good = sorted((data / "brick" / "test" / "good").iterdir())[:2]
+    for path in good:
+        image = np.asarray(Image.open(path).convert("RGB"))
+        Image.fromarray(np.concatenate([image, image[:, ::-1]], axis=1)).save(path)
+    monkeypatch.setattr("astfad.config.FEW_SHOTS", 1)
+    read = []  # (aspect, images) of every feature extraction
+    original = Detector.features
+    monkeypatch.setattr(Detector, "features", lambda self, family, images, keys=None, mirrored=False, aspect=None: (
+        read.append((aspect or self.aspect, len(images))), original(self, family, images, keys, mirrored, aspect))[1])
+    config = {**FAST, "test_grid": "own"}
+    rows = Benchmark(BenchmarkSpec(data=data, out=tmp_path / "a", shots=(0, 1, 2), seeds=(0,),
+                                   strategies=("semantic", "zero_shot"), config=config), progress=False).run()
+    assert (2.0, 2) in read  # the widened parts, together, unsquashed
+    assert sorted((r["shots"], r["strategy"]) for r in rows) == [(0, "zero_shot"), (1, "semantic"), (2, "semantic")]
+    (category,) = scan_dataset(data)
+    for row in (r for r in rows if r["shots"]):
+        det = Detector("semantic", seed=0, aspect_ratio=category_aspect(category), **config)
+        det.fit([s.path for s in sample_shots(category.train, row["shots"], 0, "random")])
+        assert det.test_flip == (row["shots"] > 1)
+        scores = [p.score for p in det.predict([s.path for s in category.test])]
+        assert row["image_auroc"] == pytest.approx(image_auroc([s.label for s in category.test], scores))
+
+
 def test_a_results_file_of_another_format_is_refused_before_any_work(fake_backbones, dataset, tmp_path):
     out = tmp_path / "results"
     spec = BenchmarkSpec(data=dataset, out=out, shots=(1,), seeds=(0,), strategies=("texture",), config=FAST)

@@ -46,7 +46,7 @@ from astfad.config import (AUTO_EXPERTS, DEFAULT_PAIR, SINGLE_STRATEGIES, Detect
                            experts_of, fusion_strategies, is_fixed_strategy, parse_strategy)
 from astfad.data.datasets import Category, Sample, sample_shots, scan_dataset
 from astfad.data.images import ImageLoadError, image_size, load_image, load_mask, write_atomically
-from astfad.detector import Detector, family_of, image_key
+from astfad.detector import Detector, FeatureGroup, family_of, image_key
 from astfad.experts.mutual import score_batch, split_batches
 from astfad.features import FeatureCache
 from astfad.metrics import evaluate, verdict_metrics
@@ -281,10 +281,16 @@ class CategoryData:
     job: CategoryJob
     config: dict[str, Any]  # the job's config with the category's aspect ratio
     tests: TestSet  # without decoded images: a cell that draws panels reloads its few
-    features: dict[str, torch.Tensor]  # family -> (N, C, h, w) features of the test images
-    mirrors: dict[str, torch.Tensor] | None  # with test_flip: those of their mirror images (Detector.mirrors)
+    groups: list[FeatureGroup]  # the test images' features (and mirrors') per grid they are read on
+    batch_features: torch.Tensor | None  # zero-shot cells: semantic features on the category's grid
     shot_cache: FeatureCache  # features of every shot any cell samples
     feature_seconds: dict[str, float]  # family -> backbone seconds per image (uncached)
+
+    @property
+    def texture(self) -> torch.Tensor | None:
+        """The test images' texture features, which PatchCore's reweighting reads (on one grid:
+        test_grid "own" refuses that rule)."""
+        return self.groups[0].feats.get("texture") if len(self.groups) == 1 else None
 
 
 @dataclass
@@ -307,9 +313,11 @@ def failed_cell(job: CategoryJob, cell: Cell, error: str, detail: str = "") -> C
 
 
 def _extract(det: Detector, images: Sequence[np.ndarray], keys: Sequence[str], families: Sequence[str],
-             progress: bool) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None, dict[str, float]]:
-    """Features of every family and, when the detector flips, of the mirror images, in chunks; with
-    the seconds per image of one backbone pass (a flipping detector makes two)."""
+             progress: bool, aspect: float | None = None
+             ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None, dict[str, float]]:
+    """Features of every family and, when the detector flips, of the mirror images, in chunks, on
+    the grid of `aspect` (default: the category's); with the seconds per image of one backbone pass
+    (a flipping detector makes two)."""
     out, mirrored, seconds = {}, {}, {}
     for family in families:
         chunks, mirror_chunks, spent = [], [], 0.0
@@ -317,9 +325,9 @@ def _extract(det: Detector, images: Sequence[np.ndarray], keys: Sequence[str], f
                       leave=False, disable=not progress):
             sl = slice(i, i + EXTRACT_CHUNK)
             start = time.perf_counter()
-            chunks.append(det.features(family, images[sl], keys[sl]))
+            chunks.append(det.features(family, images[sl], keys[sl], aspect=aspect))
             spent += time.perf_counter() - start
-            mirror_chunks += (det.mirrors(images[sl], keys[sl], [family]) or {}).values()
+            mirror_chunks += (det.mirrors(images[sl], keys[sl], [family], aspect) or {}).values()
         out[family] = torch.cat(chunks)
         if mirror_chunks:
             mirrored[family] = torch.cat(mirror_chunks)
@@ -356,8 +364,18 @@ def prepare_category(job: CategoryJob) -> tuple[list[str], CategoryData]:
         if job.backbones.get(family, found) != found:
             raise RuntimeError(f"this worker loads backbone {found}, the driver {job.backbones[family]}: "
                                "install the same weights on every node")
-    features, mirrors, seconds = _extract(det, tests.images, tests.keys, families, job.progress)
-    det.cache.clear()  # the cells take test features from `features`; the cache keeps the shots'
+    groups, seconds = [], dict.fromkeys(families, 0.0)
+    for group_aspect, indices in det.test_groups(tests.images):
+        feats, mirrors, spent = _extract(det, [tests.images[i] for i in indices], [tests.keys[i] for i in indices],
+                                         families, job.progress, group_aspect)
+        groups.append(FeatureGroup(indices, feats, mirrors))
+        for family in families:
+            seconds[family] += spent[family] * len(indices) / len(tests.images)
+    batch_features = None
+    if any(cell.shots == 0 for cell in job.cells):  # zero-shot scores a batch on one grid
+        batch_features = (groups[0].feats["semantic"] if det.config.test_grid == "category" else
+                          _extract(det, tests.images, tests.keys, ["semantic"], False)[0]["semantic"])
+    det.cache.clear()  # the cells take test features from `groups`; the cache keeps the shots'
     shots = sorted({s.path for cell in job.cells if cell.shots
                     for s in sample_shots(category.train, cell.shots, cell.seed, job.sampling)}, key=str)
     arrays, keys = [], []
@@ -369,7 +387,7 @@ def prepare_category(job: CategoryJob) -> tuple[list[str], CategoryData]:
             continue  # the cells sampling it fail with the loader's message
     if arrays:
         _extract(det, arrays, keys, families, False)
-    data = CategoryData(job, config, replace(tests, images=[]), features, mirrors, det.cache, seconds)
+    data = CategoryData(job, config, replace(tests, images=[]), groups, batch_features, det.cache, seconds)
     return messages, data
 
 
@@ -397,11 +415,10 @@ def _cell_rows(data: CategoryData, cell: Cell
     for plan in plans:
         det = Detector(plan.strategy, cache=dict(data.shot_cache), seed=cell.seed, **data.config)
         det.fit([s.path for s in train], also=plan.also)
-        feats = {f: data.features[f] for f in det.families("all")}
-        expert_maps, expert_seconds = _test_maps(det, feats, data.mirrors, max(1, len(tests.samples)), mapped)
-        rows += _strategy_rows(data, cell, det, plan.rows, train, feats, expert_maps, expert_seconds)
+        expert_maps, expert_seconds = _test_maps(det, data.groups, max(1, len(tests.samples)), mapped)
+        rows += _strategy_rows(data, cell, det, plan.rows, train, expert_maps, expert_seconds)
         if cell.panels and plan is plans[-1]:  # auto's, when it runs: the panels show what it applied
-            panels = _panels(data, det, expert_maps, feats)
+            panels = _panels(data, det, expert_maps)
         if det.selection_terms is not None:
             selection = {"choice": det.strategy, "terms": {n: {k: v.tolist() for k, v in term.items()}
                                                            for n, term in det.selection_terms.items()}}
@@ -417,8 +434,8 @@ class TestMaps:
     seconds: float
 
 
-def _test_maps(det: Detector, feats: dict[str, torch.Tensor], mirrors: dict[str, torch.Tensor] | None, n: int,
-               mapped: dict[str, TestMaps]) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+def _test_maps(det: Detector, groups: Sequence[FeatureGroup], n: int, mapped: dict[str, TestMaps]
+               ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """Each fitted expert's maps of the test set and its seconds per image. An expert that an
     earlier detector of the cell fitted to the same tensors (its saved state: the same maps under
     the cell's one config) reuses that one's maps: auto's detector searches no bank twice."""
@@ -429,20 +446,20 @@ def _test_maps(det: Detector, feats: dict[str, torch.Tensor], mirrors: dict[str,
         if known is None or known.tensors.keys() != tensors.keys() or \
                 not all(torch.equal(known.tensors[k], t) for k, t in tensors.items()):
             start = time.perf_counter()
-            maps = det.expert_maps(feats, experts=[expert], mirrors=mirrors)[expert]
+            maps = det.group_maps(groups, experts=[expert])[expert]
             known = mapped[expert] = TestMaps(tensors, maps, (time.perf_counter() - start) / n)
         expert_maps[expert], expert_seconds[expert] = known.maps, known.seconds
     return expert_maps, expert_seconds
 
 
 def _strategy_rows(data: CategoryData, cell: Cell, det: Detector, strategies: Sequence[str], train: Sequence[Sample],
-                   feats: dict[str, torch.Tensor], expert_maps: dict[str, torch.Tensor],
+                   expert_maps: dict[str, torch.Tensor],
                    expert_seconds: dict[str, float]) -> list[dict[str, Any]]:
     """The result rows of the strategies one fitted detector scores."""
     job, tests, name = data.job, data.tests, data.job.name
     n = max(1, len(tests.samples))
     # the shots' backbone passes were made once for the category: count them as a cold fit would
-    fit_seconds = det.fit_seconds + len(train) * sum(data.feature_seconds[f] for f in feats) * (1 + det.test_flip)
+    fit_seconds = det.fit_seconds + len(train) * sum(data.feature_seconds[f] for f in det.families("all")) * (1 + det.test_flip)
     shot_files = ";".join(s.path.name for s in train)
     rows = []
     for strategy in strategies:
@@ -450,7 +467,7 @@ def _strategy_rows(data: CategoryData, cell: Cell, det: Detector, strategies: Se
             pinned_strategy(name, job.pinned) if strategy == "preset" else strategy
         start = time.perf_counter()
         maps = det.combine(applied, expert_maps)
-        scores = det.scores(applied, maps, feats.get("texture"))
+        scores = det.scores(applied, maps, data.texture)
         # what predicting this strategy alone costs: its backbones (timed cold), its experts, the rest
         per_image = ((time.perf_counter() - start) / n + sum(expert_seconds[e] for e in experts_of(applied))
                      + sum(data.feature_seconds[f] for f in det.families(applied)) * (1 + det.test_flip))
@@ -471,7 +488,7 @@ def _zero_shot_rows(data: CategoryData, cell: Cell) -> list[dict[str, Any]]:
     tests = data.tests
     config = DetectorConfig(**{**data.config, "seed": cell.seed})
     grid = config.eval_grid(config.aspect_ratio)  # the grid the test masks are on
-    features = data.features["semantic"]
+    features = data.batch_features
     n = len(tests.samples)
     maps, scores = torch.empty(n, *grid), torch.empty(n)
     thresholds, pixel_thresholds = torch.empty(n), torch.empty(n)
@@ -491,14 +508,13 @@ def _zero_shot_rows(data: CategoryData, cell: Cell) -> list[dict[str, Any]]:
     return [{k: row[k] for k in RESULT_COLUMNS}]
 
 
-def _panels(data: CategoryData, det: Detector, expert_maps: dict[str, torch.Tensor],
-            feats: dict[str, torch.Tensor]) -> dict[str, bytes]:
+def _panels(data: CategoryData, det: Detector, expert_maps: dict[str, torch.Tensor]) -> dict[str, bytes]:
     """image | truth | texture | semantic | semantic_adapter | applied, all in units of their
     own normal statistics (z-scores), so one colour scale is fair to every column. PNG bytes by
     file name: the driver writes them."""
     tests, name = data.tests, data.job.name
     applied_map = det.combine(det.strategy, expert_maps)
-    scores = det.scores(det.strategy, applied_map, feats.get("texture"))
+    scores = det.scores(det.strategy, applied_map, data.texture)
     by_type: dict[str, list[int]] = {}
     for i, sample in enumerate(tests.samples):
         by_type.setdefault(sample.defect_type, []).append(i)

@@ -22,6 +22,7 @@ DEFAULT_PAIR = ("texture", "semantic")  # what a fusion combines unless it names
 # halved, the same ranking: not a separate candidate
 CANDIDATE_ALPHAS = (0.3, 0.7)
 IMAGE_SCORE_RULES = ("top1", "max", "reweight")
+TEST_GRIDS = ("category", "own")  # how a test image is read (DetectorConfig.test_grid)
 # the experts `auto` validates (each alone; with `auto_fusions`, also every fusion of each pair of
 # them). Chosen by leave-one-category-out over the ten development categories
 # (benchmarks/auto_candidates.py on the validations the benchmark records, 1, 4 and 16 shots
@@ -156,6 +157,10 @@ class DetectorConfig:
     # None: on when fitted with more than FEW_SHOTS images (leave-one-category-out, README)
     test_flip: bool | None = None
     aspect_ratio: float | None = None  # width / height; None: median of the fitted images
+    # how a test image is read: "category" squashes it to the category's aspect (the grid the normal
+    # images are read on), "own" reads it at its own aspect with the same pixel count and resizes its
+    # maps to the evaluation grid after (parts photographed at several shapes keep their geometry)
+    test_grid: str = "category"
     # normalisation and thresholds (from normal data only)
     normaliser: str = "zscore"  # or "robust" (median / MAD)
     target_fpr: float = 0.01  # false alarms on good parts the image threshold allows
@@ -201,6 +206,11 @@ class DetectorConfig:
         if self.test_flip is not None and not isinstance(self.test_flip, bool):
             raise ValueError(f"test_flip must be true, false or null (on above {FEW_SHOTS} shots), "
                              f"got {self.test_flip!r}")
+        if self.test_grid not in TEST_GRIDS:
+            raise ValueError(f"test_grid must be one of {TEST_GRIDS}, got '{self.test_grid}'")
+        if self.test_grid == "own" and self.image_score == "reweight":
+            raise ValueError("test_grid 'own' does not combine with image_score 'reweight' (PatchCore's "
+                             "reweighting reads the test features of one grid)")
         if not self.blur_sigma >= 0:
             raise ValueError(f"blur_sigma must be >= 0 (0: no smoothing), got {self.blur_sigma}")
         for name in ("texture_size", "semantic_size", "eval_size"):

@@ -173,19 +173,57 @@ class Detector:
                 raise ValueError(f"unknown feature family '{family}'")
         return self.featurizers[family]
 
-    def features(self, family: str, images: Sequence[np.ndarray],
-                 keys: Sequence[str | None] | None = None, mirrored: bool = False) -> torch.Tensor:
-        return self.featurizer(family)(images, self._aspect(), keys, mirrored)
+    def features(self, family: str, images: Sequence[np.ndarray], keys: Sequence[str | None] | None = None,
+                 mirrored: bool = False, aspect: float | None = None) -> torch.Tensor:
+        """(N, D, h, w) features on the grid of `aspect` (default: the category's)."""
+        return self.featurizer(family)(images, aspect or self._aspect(), keys, mirrored)
 
     def mirrors(self, images: Sequence[np.ndarray], keys: Sequence[str | None] | None,
-                families: Sequence[str]) -> dict[str, torch.Tensor] | None:
+                families: Sequence[str], aspect: float | None = None) -> dict[str, torch.Tensor] | None:
         """With the test-time flip in use: each family's features of the mirrored images, flipped
         back so that every patch sits where its content is in the image (the image's owners and
         masks apply unchanged); None without it."""
         if not self.test_flip:
             return None
         mirror_keys = [f"{k}#mirror" if k is not None else None for k in keys or [None] * len(images)]
-        return {f: self.features(f, images, mirror_keys, mirrored=True) for f in families}
+        return {f: self.features(f, images, mirror_keys, mirrored=True, aspect=aspect) for f in families}
+
+    def test_groups(self, arrays: Sequence[np.ndarray]) -> list[tuple[float, list[int]]]:
+        """The aspect each test image is read at, with the indices read at it: the category's for
+        all (`test_grid` "category"), or each image shape's own ("own")."""
+        if self.config.test_grid == "category":
+            return [(self._aspect(), list(range(len(arrays))))]
+        shapes: dict[tuple[int, int], list[int]] = {}
+        for i, array in enumerate(arrays):
+            shapes.setdefault(array.shape[:2], []).append(i)
+        return [(width / height, indices) for (height, width), indices in shapes.items()]
+
+    def feature_groups(self, arrays: Sequence[np.ndarray], keys: Sequence[str | None] | None,
+                       families: Sequence[str]) -> list[FeatureGroup]:
+        """Test images' features (and the mirror images', with the flip) per `test_groups` group."""
+        out = []
+        for aspect, indices in self.test_groups(arrays):
+            images = [arrays[i] for i in indices]
+            group_keys = [keys[i] for i in indices] if keys is not None else None
+            out.append(FeatureGroup(indices, {f: self.features(f, images, group_keys, aspect=aspect) for f in families},
+                                    self.mirrors(images, group_keys, families, aspect)))
+        return out
+
+    def group_maps(self, groups: Sequence[FeatureGroup], experts: Sequence[str] | None = None
+                   ) -> dict[str, torch.Tensor]:
+        """Each expert's (B, H, W) evaluation-grid maps of the images of `groups` (B their total),
+        in the images' order: every group is mapped on its own grid, then resized to the
+        evaluation grid like any map."""
+        parts = [(g.indices, self.expert_maps(g.feats, experts=experts, mirrors=g.mirrors)) for g in groups]
+        if len(parts) == 1:
+            return parts[0][1]
+        count = sum(len(indices) for indices, _ in parts)
+        out = {}
+        for name, first in parts[0][1].items():
+            out[name] = first.new_empty((count, *first.shape[1:]))
+            for indices, maps in parts:
+                out[name][indices] = maps[name]
+        return out
 
     def _aspect(self) -> float:
         if self.aspect is None:
@@ -557,12 +595,19 @@ class Detector:
     def maps_of(self, arrays: Sequence[np.ndarray], keys: Sequence[str | None] | None = None,
                 strategy: str | None = None, batch_evidence: bool = False
                 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        """Backbone features (the texture reweighting reads them) and each expert's map of decoded
-        images, for the experts a strategy (default: the applied one; 'all': every fitted one) needs."""
-        feats = self.extract(arrays, keys, strategy)
+        """Backbone features (the texture reweighting reads them; empty when the images were read
+        on several grids, which `test_grid` "own" allows only without it) and each expert's map of
+        decoded images, for the experts a strategy (default: the applied one; 'all': every fitted
+        one) needs. Batch evidence compares the batch's images with each other, so it reads them
+        all on the category's grid."""
         experts = None if strategy == "all" else experts_of(strategy or self.strategy)
-        return feats, self.expert_maps(feats, experts=experts, batch_evidence=batch_evidence,
-                                       mirrors=self.mirrors(arrays, keys, list(feats)))
+        families = self.families(strategy)
+        if batch_evidence:
+            feats = self.extract(arrays, keys, strategy)
+            return feats, self.expert_maps(feats, experts=experts, batch_evidence=True,
+                                           mirrors=self.mirrors(arrays, keys, families))
+        groups = self.feature_groups(arrays, keys, families)
+        return groups[0].feats if len(groups) == 1 else {}, self.group_maps(groups, experts)
 
     def score_arrays(self, arrays: Sequence[np.ndarray], keys: Sequence[str | None] | None = None,
                      batch_evidence: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -708,6 +753,16 @@ class Detector:
                                      f"this installation provides {current}: install the same weights or refit")
         detector._move_banks()
         return detector
+
+
+@dataclass
+class FeatureGroup:
+    """Test images read on one grid: their indices in the batch, each family's features and, with
+    the test-time flip, those of the mirror images."""
+
+    indices: list[int]
+    feats: dict[str, torch.Tensor]
+    mirrors: dict[str, torch.Tensor] | None
 
 
 @dataclass

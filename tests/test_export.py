@@ -67,7 +67,7 @@ def test_graph_matches_predict_with_stand_in_backbones(tiny_backbones, parts, tm
     assert [i["name"] for i in spec["inputs"]] == [f"{f}_image" for f in det.families()]
 
 
-def test_export_refuses_to_overwrite_and_reweight(tiny_backbones, parts, tmp_path):
+def test_export_refuses_to_overwrite_reweight_and_own_grids(tiny_backbones, parts, tmp_path):
     det = Detector("texture", **FAST).fit(parts["train"][:2])
     export_detector(det, tmp_path)
     with pytest.raises(FileExistsError, match="exist"):
@@ -76,6 +76,10 @@ def test_export_refuses_to_overwrite_and_reweight(tiny_backbones, parts, tmp_pat
     reweight = Detector("texture", image_score="reweight", **FAST).fit(parts["train"][:2])
     with pytest.raises(ValueError, match="reweight"):
         export_detector(reweight, tmp_path / "other")
+    own = Detector("texture", test_grid="own", **FAST).fit(parts["train"][:2])
+    with pytest.raises(ValueError, match="test_grid 'own' cannot be exported"):
+        export_detector(own, tmp_path / "own")
+    assert not (tmp_path / "own").exists()
 
 
 def test_export_from_a_saved_file(tiny_backbones, parts, tmp_path):

@@ -20,7 +20,8 @@ The graph is traced from the very modules `Detector.predict` runs, so the two ca
 
 The kNN is exact and holds the full (queries x bank) product for a batch, so memory grows with
 batch size: run one image at a time on small machines. PatchCore's `reweight` image score is not
-exported (it searches the bank's own neighbourhood of one patch; use `top1` or `max`).
+exported (it searches the bank's own neighbourhood of one patch; use `top1` or `max`), nor
+`test_grid` "own" (each image shape on its own grid: the graph's input grids are fixed).
 """
 
 from __future__ import annotations
@@ -63,6 +64,9 @@ class DetectorGraph(nn.Module):
             raise ValueError("the detector is not fitted: fit or load one before exporting")
         if detector.image_score == "reweight" and detector.strategy == "texture":
             raise ValueError("image_score 'reweight' cannot be exported; refit with 'top1' or 'max'")
+        if detector.config.test_grid != "category":
+            raise ValueError(f"test_grid '{detector.config.test_grid}' cannot be exported: the graph reads every "
+                             "image on the category's fixed grid; set config.test_grid = 'category' to export that")
         self.detector = detector
         self.families = detector.families()
         self.experts = list(experts_of(detector.strategy))

@@ -173,14 +173,14 @@ def test_the_flip_is_on_above_few_shots_by_default_and_saved_resolved(fake_backb
 
 @pytest.mark.parametrize("shots", [3, 5])  # without and with the test-time flip
 def test_own_test_grid_reads_each_image_shape_unsquashed(fake_backbones, parts, tmp_path, shots):
-    """test_grid "own": each shape of test image is read at its own aspect (not squashed to the
+    """test_grid "own" (the default): each test image shape is read at its own aspect (not squashed to the
     category's), mapped as it would be alone, resized to the evaluation grid, in the batch's order;
     an image of the category's shape reads as before, and a saved model keeps the setting."""
     square = parts["test"][5]
     wide = np.ascontiguousarray(np.concatenate([parts["test"][1], square], axis=1))  # 112 x 224
     batch = [wide, square, np.ascontiguousarray(wide[:, ::-1])]
     own = Detector("auto", test_grid="own", **FAST).fit(parts["train"][:shots])
-    squashed = Detector("auto", **FAST).fit(parts["train"][:shots])
+    squashed = Detector("auto", test_grid="category", **FAST).fit(parts["train"][:shots])
     assert own.strategy == squashed.strategy and own.threshold == squashed.threshold  # fitting is unchanged
     maps, scores = own.score_arrays(batch)
     assert maps.shape == (3, *own.eval_grid())
@@ -194,10 +194,11 @@ def test_own_test_grid_reads_each_image_shape_unsquashed(fake_backbones, parts, 
     loaded = Detector.load(own.save(tmp_path / "own.safetensors"))
     assert loaded.config.test_grid == "own"
     assert torch.allclose(loaded.score_arrays(batch)[1], scores)
-    for bad, match in (({"test_grid": "image"}, "test_grid must be"),
-                       ({"test_grid": "own", "image_score": "reweight"}, "reweight")):
-        with pytest.raises(ValueError, match=match):
-            Detector("semantic", **bad)
+    with pytest.raises(ValueError, match="test_grid must be"):
+        Detector("semantic", test_grid="image")
+    # PatchCore's reweighting scores the features of one grid: it reads every image on the category's
+    reweight = Detector("texture", image_score="reweight", **FAST).fit(parts["train"][:shots])
+    assert reweight.test_groups(batch) == [(reweight.aspect, [0, 1, 2])]
 
 
 def test_thresholds_follow_the_target_false_positive_rate(fake_backbones, parts):

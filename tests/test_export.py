@@ -67,7 +67,7 @@ def test_graph_matches_predict_with_stand_in_backbones(tiny_backbones, parts, tm
     assert [i["name"] for i in spec["inputs"]] == [f"{f}_image" for f in det.families()]
 
 
-def test_export_refuses_to_overwrite_reweight_and_own_grids(tiny_backbones, parts, tmp_path):
+def test_export_refuses_to_overwrite_and_reweight(tiny_backbones, parts, tmp_path):
     det = Detector("texture", **FAST).fit(parts["train"][:2])
     export_detector(det, tmp_path)
     with pytest.raises(FileExistsError, match="exist"):
@@ -76,10 +76,19 @@ def test_export_refuses_to_overwrite_reweight_and_own_grids(tiny_backbones, part
     reweight = Detector("texture", image_score="reweight", **FAST).fit(parts["train"][:2])
     with pytest.raises(ValueError, match="reweight"):
         export_detector(reweight, tmp_path / "other")
-    own = Detector("texture", test_grid="own", **FAST).fit(parts["train"][:2])
-    with pytest.raises(ValueError, match="test_grid 'own' cannot be exported"):
-        export_detector(own, tmp_path / "own")
-    assert not (tmp_path / "own").exists()
+
+
+def test_export_says_its_graph_reads_the_category_grid(tiny_backbones, parts, tmp_path):
+    """The graph's inputs are fixed grids: a detector reading each test shape on its own grid
+    (the default) exports the category-grid reading, and its JSON says so."""
+    import json
+
+    for grid in ("own", "category"):
+        det = Detector("semantic", test_grid=grid, **FAST).fit(parts["train"][:2])
+        _, meta = export_detector(det, tmp_path / grid)
+        described = json.loads(meta.read_text())
+        assert described["test_grid"] == "category"
+        assert ("grid_note" in described) == (grid == "own")
 
 
 def test_export_from_a_saved_file(tiny_backbones, parts, tmp_path):

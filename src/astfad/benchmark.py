@@ -288,8 +288,8 @@ class CategoryData:
 
     @property
     def texture(self) -> torch.Tensor | None:
-        """The test images' texture features, which PatchCore's reweighting reads (on one grid:
-        test_grid "own" refuses that rule)."""
+        """The test images' texture features, which PatchCore's reweighting reads (always on one
+        grid, Detector.test_groups)."""
         return self.groups[0].feats.get("texture") if len(self.groups) == 1 else None
 
 

@@ -606,6 +606,10 @@ def export(model: Path, fmt: str, out: Path, force: bool, texture_weights: str |
     det = Detector.load(model, device="cpu", texture_weights=texture_weights, semantic_weights=semantic_weights)
     graph, meta = export_detector(det, out, overwrite=force)
     click.echo(f"wrote {graph} ({graph.stat().st_size / 2**20:.0f} MB) and {meta}")
+    if det.config.test_grid != "category":
+        from astfad.export import GRID_NOTE
+
+        click.echo(f"note: {GRID_NOTE}")
 
 
 def _register_service_commands() -> None:

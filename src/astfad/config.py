@@ -157,10 +157,12 @@ class DetectorConfig:
     # None: on when fitted with more than FEW_SHOTS images (leave-one-category-out, README)
     test_flip: bool | None = None
     aspect_ratio: float | None = None  # width / height; None: median of the fitted images
-    # how a test image is read: "category" squashes it to the category's aspect (the grid the normal
-    # images are read on), "own" reads it at its own aspect with the same pixel count and resizes its
-    # maps to the evaluation grid after (parts photographed at several shapes keep their geometry)
-    test_grid: str = "category"
+    # how a test image is read: "own" at its own aspect with the same pixel count, its maps resized to
+    # the evaluation grid after (parts photographed at several shapes keep their geometry);
+    # "category" squashed to the category's aspect, the grid the normal images are read on (and the
+    # one PatchCore's `reweight` image score always reads: it scores features of one grid). "own":
+    # leave-one-category-out over the ten development categories, 10 of 10 folds (README, "Grids")
+    test_grid: str = "own"
     # normalisation and thresholds (from normal data only)
     normaliser: str = "zscore"  # or "robust" (median / MAD)
     target_fpr: float = 0.01  # false alarms on good parts the image threshold allows
@@ -208,9 +210,6 @@ class DetectorConfig:
                              f"got {self.test_flip!r}")
         if self.test_grid not in TEST_GRIDS:
             raise ValueError(f"test_grid must be one of {TEST_GRIDS}, got '{self.test_grid}'")
-        if self.test_grid == "own" and self.image_score == "reweight":
-            raise ValueError("test_grid 'own' does not combine with image_score 'reweight' (PatchCore's "
-                             "reweighting reads the test features of one grid)")
         if not self.blur_sigma >= 0:
             raise ValueError(f"blur_sigma must be >= 0 (0: no smoothing), got {self.blur_sigma}")
         for name in ("texture_size", "semantic_size", "eval_size"):

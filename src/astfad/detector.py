@@ -190,8 +190,9 @@ class Detector:
 
     def test_groups(self, arrays: Sequence[np.ndarray]) -> list[tuple[float, list[int]]]:
         """The aspect each test image is read at, with the indices read at it: the category's for
-        all (`test_grid` "category"), or each image shape's own ("own")."""
-        if self.config.test_grid == "category":
+        all (`test_grid` "category", or the `reweight` image score, which scores features of one
+        grid), or each image shape's own ("own")."""
+        if self.config.test_grid == "category" or self.image_score == "reweight":
             return [(self._aspect(), list(range(len(arrays))))]
         shapes: dict[tuple[int, int], list[int]] = {}
         for i, array in enumerate(arrays):
@@ -596,7 +597,7 @@ class Detector:
                 strategy: str | None = None, batch_evidence: bool = False
                 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """Backbone features (the texture reweighting reads them; empty when the images were read
-        on several grids, which `test_grid` "own" allows only without it) and each expert's map of
+        on several grids, which it never has them read on) and each expert's map of
         decoded images, for the experts a strategy (default: the applied one; 'all': every fitted
         one) needs. Batch evidence compares the batch's images with each other, so it reads them
         all on the category's grid."""
@@ -705,7 +706,8 @@ class Detector:
         fitted with `semantic_weights=X` needs `Detector.load(path, semantic_weights=X)` again."""
         path = Path(path)
         meta, tensors = read_model_file(path, FORMAT_VERSION)
-        config = {"test_flip": False, **meta["config"]}  # files from before the flip were fitted without
+        # files from before the flip and the own test grids were fitted without them
+        config = {"test_flip": False, "test_grid": "category", **meta["config"]}
         config["threads"] = None  # this machine's cores, not those of the one that fitted it
         if device is not None:
             config["device"] = device

@@ -20,8 +20,11 @@ The graph is traced from the very modules `Detector.predict` runs, so the two ca
 
 The kNN is exact and holds the full (queries x bank) product for a batch, so memory grows with
 batch size: run one image at a time on small machines. PatchCore's `reweight` image score is not
-exported (it searches the bank's own neighbourhood of one patch; use `top1` or `max`), nor
-`test_grid` "own" (each image shape on its own grid: the graph's input grids are fixed).
+exported (it searches the bank's own neighbourhood of one patch; use `top1` or `max`). The graph's
+input grids are fixed: it reads every image on the category's grid (`test_grid` "category"), where
+`Detector.predict` by default reads an image of another shape on a grid of its own aspect
+(`test_grid` "own"); the JSON says so (`grid_note`), and the two agree on images of the
+category's shape.
 """
 
 from __future__ import annotations
@@ -43,6 +46,9 @@ from astfad.runtime.ort import OPSET, export_onnx
 from astfad.scoring import image_scores, to_eval_grid
 
 FORMAT = "astfad-onnx-1"
+GRID_NOTE = ("every image is resized to the grids above, squashed to the category's aspect; astfad's own "
+             "predict reads an image of another shape on a grid of its own aspect (test_grid 'own'), so "
+             "the scores of such images differ from it")
 
 
 def _nearest_distance(queries: torch.Tensor, bank: torch.Tensor, bank_sq: torch.Tensor | None,
@@ -64,9 +70,6 @@ class DetectorGraph(nn.Module):
             raise ValueError("the detector is not fitted: fit or load one before exporting")
         if detector.image_score == "reweight" and detector.strategy == "texture":
             raise ValueError("image_score 'reweight' cannot be exported; refit with 'top1' or 'max'")
-        if detector.config.test_grid != "category":
-            raise ValueError(f"test_grid '{detector.config.test_grid}' cannot be exported: the graph reads every "
-                             "image on the category's fixed grid; set config.test_grid = 'category' to export that")
         self.detector = detector
         self.families = detector.families()
         self.experts = list(experts_of(detector.strategy))
@@ -143,7 +146,8 @@ def describe(detector: Detector, graph_name: str) -> dict[str, Any]:
             "fusion": rule.startswith("fusion"), "inputs": inputs,
             "outputs": {"anomaly_map": ["batch", eval_h, eval_w], "score": ["batch"]},
             "eval_grid": [eval_h, eval_w], "blur_sigma": detector.config.blur_sigma,
-            "image_score": detector.image_score,
+            "image_score": detector.image_score, "test_grid": "category",
+            **({"grid_note": GRID_NOTE} if detector.config.test_grid != "category" else {}),
             "threshold": detector.threshold, "pixel_threshold": detector.pixel_threshold,
             "postprocess": "resize anomaly_map bilinearly (align_corners=False) to the image's own "
                            "size; mask = map > pixel_threshold; anomalous = score > threshold"}

@@ -597,10 +597,10 @@ class Detector:
                 strategy: str | None = None, batch_evidence: bool = False
                 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """Backbone features (the texture reweighting reads them; empty when the images were read
-        on several grids, which it never has them read on) and each expert's map of
-        decoded images, for the experts a strategy (default: the applied one; 'all': every fitted
-        one) needs. Batch evidence compares the batch's images with each other, so it reads them
-        all on the category's grid."""
+        on several grids, which that rule never asks for) and each expert's map of decoded images,
+        for the experts a strategy (default: the applied one; 'all': every fitted one) needs.
+        Batch evidence compares the batch's images with each other, so it reads them all on the
+        category's grid."""
         experts = None if strategy == "all" else experts_of(strategy or self.strategy)
         families = self.families(strategy)
         if batch_evidence:

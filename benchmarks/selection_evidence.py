@@ -25,26 +25,21 @@ from __future__ import annotations
 import argparse
 import json
 from collections.abc import Callable
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from astfad.benchmark import category_aspect, load_test_set
-from astfad.config import DetectorConfig
 from astfad.data.datasets import sample_shots, scan_dataset
 from astfad.detector import Detector
 from astfad.metrics import image_auroc
 from astfad.scoring import image_scores
-from astfad.selection import (BOOTSTRAP_RESAMPLES, DEFAULT_STRATEGY, FAMILY_ERROR, MAP_SCORE_RULES, choose_image_score,
-                              choose_strategy, separation)
+from astfad.selection import (BOOTSTRAP_RESAMPLES, DEFAULT_STRATEGY, FAMILY_ERROR, MAP_SCORE_RULES, MARGIN,
+                              choose_image_score, choose_strategy, separation)
 from cached_rows import cached_rows
-from protocol import held_out_best
+from protocol import held_out_best, probe_test_set, strided_metrics
 
-PIXEL_STRIDE = 2
-MEASURES = ("image_auroc", "pixel_auroc", "aupro")
 
 
 def collect(data: Path, shots: list[int], seeds: list[int], partial: Path) -> list[dict[str, Any]]:
@@ -55,10 +50,8 @@ def collect(data: Path, shots: list[int], seeds: list[int], partial: Path) -> li
     for category in scan_dataset(data):
         if all((category.name, k, seed) in done for k in shots for seed in seeds):
             continue
-        aspect = category_aspect(category)
+        aspect, tests, strided = probe_test_set(category)
         cache: dict = {}
-        tests = load_test_set(category, DetectorConfig().eval_grid(aspect), print)
-        strided = replace(tests, masks=tests.masks[:, ::PIXEL_STRIDE, ::PIXEL_STRIDE])
         for k in shots:
             for seed in seeds:
                 if (category.name, k, seed) in done:
@@ -69,8 +62,7 @@ def collect(data: Path, shots: list[int], seeds: list[int], partial: Path) -> li
                 test = {}
                 for name in det.selection_terms:
                     maps = det.combine(name, expert_maps)
-                    figures = strided.metrics(image_scores(maps, "top1").numpy(),
-                                              maps[:, ::PIXEL_STRIDE, ::PIXEL_STRIDE].numpy())
+                    figures = strided_metrics(strided, image_scores(maps, "top1").numpy(), maps)
                     test[name] = {"pixel_auroc": figures["pixel_auroc"], "aupro": figures["aupro"],
                                   **{rule: image_auroc(tests.labels, image_scores(maps, rule).numpy())
                                      for rule in MAP_SCORE_RULES}}
@@ -85,13 +77,18 @@ def collect(data: Path, shots: list[int], seeds: list[int], partial: Path) -> li
 
 
 Terms = dict[str, dict[str, np.ndarray]]
-Rule = Callable[[Terms, int], tuple[str, str]]  # (terms, seed) -> (expert, image-score rule)
+Rule = Callable[[Terms, int], str]  # (terms, seed) -> the expert chosen; the image-score rule follows it
 
 
-def current(terms: Terms, seed: int) -> tuple[str, str]:
-    """Today's rule: the pixel measure with its bootstrap margin, then the image-score rule."""
-    choice = choose_strategy(terms, DEFAULT_STRATEGY, seed).choice
-    return choice, choose_image_score(terms[choice], "top1")["choice"]
+def with_margin(margin: float) -> Rule:
+    """The pixel measure with its bootstrap rule, a challenger's lower bound required to exceed
+    `margin` (today's rule at selection.MARGIN)."""
+    def rule(terms: Terms, seed: int) -> str:
+        return choose_strategy(terms, DEFAULT_STRATEGY, seed, margin=margin).choice
+    return rule
+
+
+current = with_margin(MARGIN)
 
 
 def best_separation(term: dict[str, np.ndarray], normal: np.ndarray | slice = slice(None),
@@ -100,14 +97,13 @@ def best_separation(term: dict[str, np.ndarray], normal: np.ndarray | slice = sl
     return max(separation(term[f"normal_{r}"][normal], term[f"anomalous_{r}"][anomalous]) for r in MAP_SCORE_RULES)
 
 
-def by_separation(terms: Terms, seed: int) -> tuple[str, str]:
+def by_separation(terms: Terms, seed: int) -> str:
     """The candidate whose image scores separate the validation anomalies furthest (the default
-    on a tie), with its better rule."""
-    choice = max(terms, key=lambda n: (best_separation(terms[n]), n == DEFAULT_STRATEGY))
-    return choice, choose_image_score(terms[choice], "top1")["choice"]
+    on a tie)."""
+    return max(terms, key=lambda n: (best_separation(terms[n]), n == DEFAULT_STRATEGY))
 
 
-def by_separation_bootstrap(terms: Terms, seed: int) -> tuple[str, str]:
+def by_separation_bootstrap(terms: Terms, seed: int) -> str:
     """The default unless a candidate's best separation beats the default's on the bootstrap's
     (5 / C)th percentile over joint resamples of the normal and the anomalous images (the
     pixel rule's margin, applied to the image scores)."""
@@ -119,25 +115,14 @@ def by_separation_bootstrap(terms: Terms, seed: int) -> tuple[str, str]:
     gains = {name: np.array([best_separation(term, a, b) for a, b in draws]) - base
              for name, term in terms.items() if name != DEFAULT_STRATEGY}
     winners = [name for name, gain in gains.items() if np.percentile(gain, lower) > 0]
-    choice = max(winners, key=lambda name: gains[name].mean()) if winners else DEFAULT_STRATEGY
-    return choice, choose_image_score(terms[choice], "top1")["choice"]
+    return max(winners, key=lambda name: gains[name].mean()) if winners else DEFAULT_STRATEGY
 
 
-def pixel_with_separation_veto(terms: Terms, seed: int) -> tuple[str, str]:
+def pixel_with_separation_veto(terms: Terms, seed: int) -> str:
     """Today's choice, unless the default's image scores separate the anomalies further than the
     chosen candidate's: a challenger must win on both."""
-    choice, _ = current(terms, seed)
-    if best_separation(terms[choice]) < best_separation(terms[DEFAULT_STRATEGY]):
-        choice = DEFAULT_STRATEGY
-    return choice, choose_image_score(terms[choice], "top1")["choice"]
-
-
-def with_margin(margin: float) -> Rule:
-    """Today's rule with a challenger's bootstrap lower bound required to exceed `margin`."""
-    def rule(terms: Terms, seed: int) -> tuple[str, str]:
-        choice = choose_strategy(terms, DEFAULT_STRATEGY, seed, margin=margin).choice
-        return choice, choose_image_score(terms[choice], "top1")["choice"]
-    return rule
+    choice = current(terms, seed)
+    return DEFAULT_STRATEGY if best_separation(terms[choice]) < best_separation(terms[DEFAULT_STRATEGY]) else choice
 
 
 MARGINS = (0.01, 0.02, 0.03, 0.04, 0.05, 0.06)
@@ -148,8 +133,9 @@ RULES: dict[str, Rule] = {"current": current, "separation": by_separation,
 
 
 def replay(rows: list[dict[str, Any]], rules: dict[str, Rule]) -> dict[tuple[str, str, int], list[tuple]]:
-    """{(rule, category, shots): [(image AUROC, pixel AUROC, AUPRO) per seed]}, the fixed experts
-    under `<expert>` and the per-category oracle of the experts (top-1% mean) under `oracle`."""
+    """{(rule, category, shots): [(image AUROC, pixel AUROC, AUPRO) per seed]}, each rule's expert
+    scored with the image-score rule `auto` validates on it; the fixed experts (top-1% mean) under
+    `<expert>` and their per-category oracle under `oracle`."""
     out: dict[tuple[str, str, int], list[tuple]] = {}
     for row in rows:
         terms = {n: {k: np.asarray(v, float) for k, v in t.items()} for n, t in row["terms"].items()}
@@ -158,18 +144,18 @@ def replay(rows: list[dict[str, Any]], rules: dict[str, Rule]) -> dict[tuple[str
         def figures(expert: str, rule: str) -> tuple[float, float, float]:
             return test[expert][rule], test[expert]["pixel_auroc"], test[expert]["aupro"]
         for name, rule in rules.items():
-            expert, score = rule(terms, row["seed"])
+            expert = rule(terms, row["seed"])
+            score = choose_image_score(terms[expert], "top1")["choice"]
             if name == "current" and (expert, score) != (row["choice"], row["image_score"]):
                 raise SystemExit(f"the current rule does not reproduce {key} seed {row['seed']}: "
                                  f"{expert}/{score} against {row['choice']}/{row['image_score']}")
             out.setdefault((name, *key), []).append(figures(expert, score))
         for expert in test:
             out.setdefault((expert, *key), []).append(figures(expert, "top1"))
-    for (name, category, shots) in list(out):
-        if name in rows[0]["test"]:
-            experts = [e for e in rows[0]["test"]]
-            best = max(experts, key=lambda e: np.mean([f[0] for f in out[(e, category, shots)]]))
-            out[("oracle", category, shots)] = out[(best, category, shots)]
+    experts = list(rows[0]["test"])
+    for category, shots in {(r["category"], r["shots"]) for r in rows}:
+        best = max(experts, key=lambda e: np.mean([f[0] for f in out[(e, category, shots)]]))
+        out[("oracle", category, shots)] = out[(best, category, shots)]
     return out
 
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -29,15 +28,13 @@ import numpy as np
 import torch
 import yaml
 
-from astfad.benchmark import category_aspect, load_test_set
 from astfad.config import DetectorConfig
 from astfad.data.datasets import sample_shots, scan_dataset
 from astfad.detector import Detector
 from cached_rows import cached_rows
-from protocol import held_out_best
+from protocol import held_out_best, probe_test_set, strided_metrics
 
 MEASURES = ("image_auroc", "pixel_auroc", "aupro")
-PIXEL_STRIDE = 2
 GRID_SETTINGS = ("eval_size", "aspect_ratio")  # the test masks are read once, on today's grid
 
 
@@ -45,10 +42,8 @@ def collect(data: Path, shots: list[int], seeds: list[int], strategies: list[str
             values: list[Any]) -> list[dict]:
     rows = []
     for category in scan_dataset(data):
-        aspect = category_aspect(category)
+        aspect, tests, strided = probe_test_set(category)
         cache: dict = {}
-        tests = load_test_set(category, DetectorConfig().eval_grid(aspect), print)
-        strided = replace(tests, masks=tests.masks[:, ::PIXEL_STRIDE, ::PIXEL_STRIDE])
         for k in shots:
             for seed in seeds:
                 train = [s.path for s in sample_shots(category.train, k, seed, "random")]
@@ -59,7 +54,7 @@ def collect(data: Path, shots: list[int], seeds: list[int], strategies: list[str
                     for strategy in strategies:
                         maps = det.combine(strategy, expert_maps)
                         scores = det.scores(strategy, maps, feats.get("texture")).numpy()
-                        metrics = strided.metrics(scores, maps[:, ::PIXEL_STRIDE, ::PIXEL_STRIDE].numpy())
+                        metrics = strided_metrics(strided, scores, maps)
                         rows.append({"category": category.name, "shots": k, "seed": seed, "strategy": strategy,
                                      "setting": setting, "value": value, **{m: metrics[m] for m in MEASURES}})
                 print(category.name, k, seed, flush=True)

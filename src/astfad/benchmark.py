@@ -374,7 +374,7 @@ def prepare_category(job: CategoryJob) -> tuple[list[str], CategoryData]:
     batch_features = None
     if any(cell.shots == 0 for cell in job.cells):  # zero-shot scores a batch on one grid
         batch_features = (groups[0].feats["semantic"] if det.config.test_grid == "category" else
-                          _extract(det, tests.images, tests.keys, ["semantic"], False)[0]["semantic"])
+                          det.features("semantic", tests.images, tests.keys))  # no mirrors: it never flips
     det.cache.clear()  # the cells take test features from `groups`; the cache keeps the shots'
     shots = sorted({s.path for cell in job.cells if cell.shots
                     for s in sample_shots(category.train, cell.shots, cell.seed, job.sampling)}, key=str)

@@ -11,9 +11,10 @@ category, so one backbone pass per test image (two above 4 shots, the test-time 
 Then each rule of RULES is replayed on the records: its choice of expert and image-score rule in
 every cell, read off the recorded test figures. Prints, per shot count, each rule's image AUROC per
 category and its mean image / pixel AUROC / AUPRO, the fixed experts and the per-category oracle,
-and the leave-one-category-out choice of the rule (best mean image AUROC over every shot count on
-the other categories) with its held-out mean: the tuning protocol of benchmarks/README.md. The
-`current` rule must reproduce the recorded choices (checked).
+and the leave-one-category-out choice of the rule (best mean image AUROC on the other categories,
+over every shot count and at each shot count alone) with its held-out mean: the tuning protocol of
+benchmarks/README.md. The `current` rule must reproduce the recorded choices (checked) when the
+records were made under today's rule; `--recorded-rule` names the rule they were made under.
 
     OMP_NUM_THREADS=1 python benchmarks/selection_evidence.py --data ../shared/data --shots 1 4 16 \
         --seeds 0 1 2 --out runs/selection_real.json
@@ -35,8 +36,8 @@ from astfad.data.datasets import sample_shots, scan_dataset
 from astfad.detector import Detector
 from astfad.metrics import image_auroc
 from astfad.scoring import image_scores
-from astfad.selection import (BOOTSTRAP_RESAMPLES, DEFAULT_STRATEGY, FAMILY_ERROR, MAP_SCORE_RULES, MARGIN,
-                              choose_image_score, choose_strategy, separation)
+from astfad.selection import (BOOTSTRAP_RESAMPLES, DEFAULT_STRATEGY, FAMILY_ERROR, MAP_SCORE_RULES,
+                              choose_image_score, choose_strategy, min_gain, separation)
 from cached_rows import cached_rows
 from protocol import held_out_best, probe_test_set, strided_metrics
 
@@ -77,18 +78,29 @@ def collect(data: Path, shots: list[int], seeds: list[int], partial: Path) -> li
 
 
 Terms = dict[str, dict[str, np.ndarray]]
-Rule = Callable[[Terms, int], str]  # (terms, seed) -> the expert chosen; the image-score rule follows it
+Rule = Callable[[Terms, int, int], str]  # (terms, seed, shots) -> the expert chosen; the image-score rule follows it
 
 
-def with_margin(margin: float) -> Rule:
-    """The pixel measure with its bootstrap rule, a challenger's lower bound required to exceed
-    `margin` (today's rule at selection.MARGIN)."""
-    def rule(terms: Terms, seed: int) -> str:
-        return choose_strategy(terms, DEFAULT_STRATEGY, seed, margin=margin).choice
+def current(terms: Terms, seed: int, shots: int) -> str:
+    """Today's rule: the pixel measure's bootstrap, and a challenger's mean gain above
+    selection.min_gain(shots)."""
+    return choose_strategy(terms, DEFAULT_STRATEGY, seed, min_gain=min_gain(shots)).choice
+
+
+def with_min_gain(gain: float) -> Rule:
+    """The bootstrap rule with a challenger's mean gain required to exceed `gain` at every shot count."""
+    def rule(terms: Terms, seed: int, shots: int) -> str:
+        return choose_strategy(terms, DEFAULT_STRATEGY, seed, min_gain=gain).choice
     return rule
 
 
-current = with_margin(MARGIN)
+def with_margin(margin: float) -> Rule:
+    """The bootstrap rule with the challenger's lower bound, not its mean, required to exceed `margin`."""
+    def rule(terms: Terms, seed: int, shots: int) -> str:
+        scores = choose_strategy(terms, DEFAULT_STRATEGY, seed).scores
+        winners = [n for n, s in scores.items() if n != DEFAULT_STRATEGY and s["gain_low"] > margin]
+        return max(winners, key=lambda n: scores[n]["score"]) if winners else DEFAULT_STRATEGY
+    return rule
 
 
 def best_separation(term: dict[str, np.ndarray], normal: np.ndarray | slice = slice(None),
@@ -97,13 +109,13 @@ def best_separation(term: dict[str, np.ndarray], normal: np.ndarray | slice = sl
     return max(separation(term[f"normal_{r}"][normal], term[f"anomalous_{r}"][anomalous]) for r in MAP_SCORE_RULES)
 
 
-def by_separation(terms: Terms, seed: int) -> str:
+def by_separation(terms: Terms, seed: int, shots: int) -> str:
     """The candidate whose image scores separate the validation anomalies furthest (the default
     on a tie)."""
     return max(terms, key=lambda n: (best_separation(terms[n]), n == DEFAULT_STRATEGY))
 
 
-def by_separation_bootstrap(terms: Terms, seed: int) -> str:
+def by_separation_bootstrap(terms: Terms, seed: int, shots: int) -> str:
     """The default unless a candidate's best separation beats the default's on the bootstrap's
     (5 / C)th percentile over joint resamples of the normal and the anomalous images (the
     pixel rule's margin, applied to the image scores)."""
@@ -118,10 +130,10 @@ def by_separation_bootstrap(terms: Terms, seed: int) -> str:
     return max(winners, key=lambda name: gains[name].mean()) if winners else DEFAULT_STRATEGY
 
 
-def pixel_with_separation_veto(terms: Terms, seed: int) -> str:
-    """Today's choice, unless the default's image scores separate the anomalies further than the
-    chosen candidate's: a challenger must win on both."""
-    choice = current(terms, seed)
+def pixel_with_separation_veto(terms: Terms, seed: int, shots: int) -> str:
+    """The bootstrap rule's choice, unless the default's image scores separate the anomalies
+    further than the chosen candidate's: a challenger must win on both."""
+    choice = with_min_gain(0.0)(terms, seed, shots)
     return DEFAULT_STRATEGY if best_separation(terms[choice]) < best_separation(terms[DEFAULT_STRATEGY]) else choice
 
 
@@ -129,10 +141,16 @@ MARGINS = (0.01, 0.02, 0.03, 0.04, 0.05, 0.06)
 RULES: dict[str, Rule] = {"current": current, "separation": by_separation,
                           "separation, bootstrap": by_separation_bootstrap,
                           "pixel, separation veto": pixel_with_separation_veto,
-                          **{f"pixel, margin {m:g}": with_margin(m) for m in MARGINS}}
+                          "pixel, no minimum gain": with_min_gain(0.0),
+                          **{f"pixel, lower bound > {m:g}": with_margin(m) for m in MARGINS},
+                          **{f"pixel, mean gain > {m:g}": with_min_gain(m) for m in MARGINS}}
+# the options leave-one-category-out chooses among ("current" is itself a choice per shot count)
+FAMILIES = {"every rule": [name for name in RULES if name != "current"],
+            "minimum mean gain": ["pixel, no minimum gain", *(f"pixel, mean gain > {m:g}" for m in MARGINS)]}
 
 
-def replay(rows: list[dict[str, Any]], rules: dict[str, Rule]) -> dict[tuple[str, str, int], list[tuple]]:
+def replay(rows: list[dict[str, Any]], rules: dict[str, Rule], recorded: str = "current"
+           ) -> dict[tuple[str, str, int], list[tuple]]:
     """{(rule, category, shots): [(image AUROC, pixel AUROC, AUPRO) per seed]}, each rule's expert
     scored with the image-score rule `auto` validates on it; the fixed experts (top-1% mean) under
     `<expert>` and their per-category oracle under `oracle`."""
@@ -144,10 +162,10 @@ def replay(rows: list[dict[str, Any]], rules: dict[str, Rule]) -> dict[tuple[str
         def figures(expert: str, rule: str) -> tuple[float, float, float]:
             return test[expert][rule], test[expert]["pixel_auroc"], test[expert]["aupro"]
         for name, rule in rules.items():
-            expert = rule(terms, row["seed"])
+            expert = rule(terms, row["seed"], row["shots"])
             score = choose_image_score(terms[expert], "top1")["choice"]
-            if name == "current" and (expert, score) != (row["choice"], row["image_score"]):
-                raise SystemExit(f"the current rule does not reproduce {key} seed {row['seed']}: "
+            if name == recorded and (expert, score) != (row["choice"], row["image_score"]):
+                raise SystemExit(f"the rule '{recorded}' does not reproduce {key} seed {row['seed']}: "
                                  f"{expert}/{score} against {row['choice']}/{row['image_score']}")
             out.setdefault((name, *key), []).append(figures(expert, score))
         for expert in test:
@@ -159,8 +177,8 @@ def replay(rows: list[dict[str, Any]], rules: dict[str, Rule]) -> dict[tuple[str
     return out
 
 
-def report(rows: list[dict[str, Any]]) -> None:
-    results = replay(rows, RULES)
+def report(rows: list[dict[str, Any]], recorded: str = "current") -> None:
+    results = replay(rows, RULES, recorded)
     shot_counts = sorted({r["shots"] for r in rows})
     # categories recorded at every shot count (a run still in progress lacks some)
     categories = sorted(c for c in {r["category"] for r in rows}
@@ -177,13 +195,20 @@ def report(rows: list[dict[str, Any]]) -> None:
             means = [np.mean([mean(name, c, k, m) for c in categories]) for m in range(3)]
             print(f"| {name} | " + " | ".join(f"{mean(name, c, k):.1f}" for c in categories)
                   + " | " + " / ".join(f"{x:.1f}" for x in means) + " |")
-    if len(RULES) > 1:
-        chosen = held_out_best(categories, list(RULES),
-                               lambda c, name: np.mean([mean(name, c, k) for k in shot_counts]))
-        print("\nleave-one-category-out (mean over shot counts): " + ", ".join(f"{c} {chosen[c]}" for c in categories))
+    def held_out(family: str, scope: list[int]) -> dict[str, str]:
+        chosen = held_out_best(categories, FAMILIES[family],
+                               lambda c, name: np.mean([mean(name, c, k) for k in scope]))
+        print(f"\nleave-one-category-out among {family}, over {'/'.join(map(str, scope))} shot(s): "
+              + ", ".join(f"{c} {chosen[c]}" for c in categories))
+        return chosen
+    for family in FAMILIES:
+        pooled = held_out(family, shot_counts)
         for k in shot_counts:
-            print(f"{k} shot(s): held out {np.mean([mean(chosen[c], c, k) for c in categories]):.1f}, "
-                  f"current {np.mean([mean('current', c, k) for c in categories]):.1f}")
+            alone = held_out(family, [k])
+            for label, chosen in (("over every shot count", pooled), (f"at {k} shot(s) alone", alone)):
+                print(f"{k} shot(s), {family}, chosen {label}: held out "
+                      f"{np.mean([mean(chosen[c], c, k) for c in categories]):.2f}, "
+                      f"current {np.mean([mean('current', c, k) for c in categories]):.2f}")
 
 
 def main() -> None:
@@ -193,13 +218,15 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--out", type=Path, default=Path("runs/selection_evidence.json"))
     parser.add_argument("--rows", type=Path, nargs="+", help="report on these recorded runs together")
+    parser.add_argument("--recorded-rule", default="current", choices=list(RULES),
+                        help="the rule the records were made under, which must reproduce their choices")
     args = parser.parse_args()
     if args.rows:
         rows = [row for path in args.rows for row in json.loads(path.read_text())]
     else:
         rows = cached_rows(args.out, lambda: collect(args.data, args.shots, args.seeds,
                                                            args.out.with_suffix(".partial.json")))
-    report(rows)
+    report(rows, args.recorded_rule)
 
 
 if __name__ == "__main__":

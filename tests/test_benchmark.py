@@ -20,7 +20,7 @@ from astfad.data.synthetic import generate_synthetic_dataset
 from astfad.detector import Detector
 from astfad.metrics import VERDICT_KEYS, verdict_metrics
 from astfad.report import VERDICT_COLUMNS, read_failures, read_results, read_selections
-from astfad.selection import choose_strategy
+from astfad.selection import choose_strategy, min_gain
 
 FAST = {"semantic_size": 112, "texture_size": 112, "eval_size": 112, "adapter_steps": 10}
 FAST_ARGS = [x for k, v in FAST.items() for x in ("--set", f"{k}={v}")]
@@ -137,7 +137,8 @@ def test_run_records_verdicts_identity_and_redraws_damaged_panels(fake_backbones
     applied = {(r["category"], r["shots"], r["seed"]): r["applied_strategy"] for r in rows if r["strategy"] == "auto"}
     assert {(s["category"], s["shots"], s["seed"]): s["choice"] for s in selections} == applied
     for record in selections:
-        assert choose_strategy(record["terms"], seed=record["seed"]).choice == record["choice"]
+        assert choose_strategy(record["terms"], seed=record["seed"],
+                               min_gain=min_gain(record["shots"])).choice == record["choice"]
 
     identity = json.loads((out / "run.json").read_text())
     assert identity["backbones"] == {"semantic": "fake_vit@test", "texture": "fake_cnn@test"}

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 from astfad.data.synthetic import ANOMALY_KINDS
-from astfad.selection import (PAPER_PRESET, Evidence, SelectionReport, choose_image_score, choose_strategy,
-                              load_pinned, pixel_fractions, pinned_strategy, rule_scores, separation,
+from astfad.selection import (MIN_GAIN, PAPER_PRESET, Evidence, SelectionReport, choose_image_score, choose_strategy,
+                              load_pinned, min_gain, pixel_fractions, pinned_strategy, rule_scores, separation,
                               synthetic_anomalies, validation_terms)
 
 
@@ -84,9 +84,12 @@ def test_default_kept_unless_beaten_beyond_noise():
     better = {"semantic": _evidence(rng, 1.0), "texture": _evidence(rng, 4.0)}
     report = choose_strategy(validation_terms(better, masks), "semantic")
     assert report.choice == "texture" and report.scores["texture"]["gain_low"] > 0
-    # a margin the lower bound does not clear keeps the default
-    margin = report.scores["texture"]["gain_low"] + 0.01
-    assert choose_strategy(validation_terms(better, masks), "semantic", margin=margin).choice == "semantic"
+    # a minimum gain the mean gain does not clear keeps the default, and says so
+    gain = report.scores["texture"]["gain"]
+    kept = choose_strategy(validation_terms(better, masks), "semantic", min_gain=gain + 0.01)
+    assert kept.choice == "semantic" and f"by more than {gain + 0.01:g}" in kept.reason
+    assert choose_strategy(validation_terms(better, masks), "semantic", min_gain=gain - 0.01).choice == "texture"
+    assert min_gain(1) == 0.0 and min_gain(2) == min_gain(16) == MIN_GAIN > 0
     with pytest.raises(ValueError, match="default"):
         choose_strategy(validation_terms({"texture": better["texture"]}, masks), "semantic")
 

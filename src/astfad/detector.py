@@ -41,7 +41,7 @@ from astfad.fusion import Normaliser, fuse
 from astfad.modelfile import ModelFileError, read_model_file, write_model_file
 from astfad.scoring import image_scores, mask_to_grid, to_eval_grid, to_image_size
 from astfad.selection import (DEFAULT_STRATEGY, MAP_SCORE_RULES, MAX_ANOMALOUS_IMAGES, MIN_ANOMALOUS_IMAGES,
-                              Evidence, SelectionReport, choose_image_score, choose_strategy, labels_to_grid,
+                              Evidence, SelectionReport, choose_image_score, choose_strategy, labels_to_grid, min_gain,
                               synthetic_anomalies, validation_terms)
 from astfad.thresholds import ThresholdModel
 
@@ -469,7 +469,8 @@ class Detector:
         validation = {"normal": len(normal.images), "anomalous": len(images), "kinds": kinds,
                       "single_shot_regions": len(self.shots) == 1}
         self.selection_terms = validation_terms(evidence, true_masks)
-        report = choose_strategy(self.selection_terms, DEFAULT_STRATEGY, cfg.seed, notes, validation)
+        report = choose_strategy(self.selection_terms, DEFAULT_STRATEGY, cfg.seed, notes, validation,
+                                 min_gain=min_gain(len(self.shots)))
         if cfg.auto_image_score and cfg.image_score in MAP_SCORE_RULES:
             report.image_score = choose_image_score(self.selection_terms[report.choice], cfg.image_score)
             self.image_score = report.image_score["choice"]

@@ -5,6 +5,7 @@ import torch
 from astfad.config import candidate_strategies
 from astfad.detector import FORMAT_VERSION, Detector, ModelFileError
 from astfad.metrics import image_auroc
+from astfad.selection import MIN_GAIN, choose_strategy
 from conftest import read_raw, write_raw
 
 FAST = dict(semantic_size=112, texture_size=112, eval_size=112, adapter_steps=20)
@@ -62,8 +63,21 @@ def test_auto_selects_with_a_report(fake_backbones, parts):
     assert len(both.selection["scores"]) == 7
     assert report["validation"]["anomalous"] >= 12
     chosen = report["scores"][det.strategy]
-    assert det.strategy == "semantic" or chosen["gain_low"] > 0  # the default, unless beaten beyond noise
+    # the default, unless beaten beyond noise and by more than the minimum gain
+    assert det.strategy == "semantic" or (chosen["gain_low"] > 0 and chosen["gain"] > MIN_GAIN)
     assert image_auroc(parts["labels"], [p.score for p in det.predict(parts["test"])]) >= 0.9
+
+
+def test_auto_asks_a_minimum_gain_above_one_shot(fake_backbones, parts, monkeypatch):
+    asked = []
+
+    def recording(*args, **kwargs):
+        asked.append(kwargs["min_gain"])
+        return choose_strategy(*args, **kwargs)
+    monkeypatch.setattr("astfad.detector.choose_strategy", recording)
+    for shots in (1, 2):
+        Detector("auto", **FAST).fit(parts["train"][:shots])
+    assert asked == [0.0, MIN_GAIN]
 
 
 def test_auto_validates_the_image_score_rule_and_scores_with_it(fake_backbones, parts, tmp_path, monkeypatch):

@@ -268,13 +268,13 @@ def choose_strategy(terms: dict[str, dict[str, np.ndarray]], default: str = DEFA
     if winners:
         choice = max(winners, key=lambda n: (scores[n]["score"], -list(terms).index(n)))
         reason = (f"beats the default '{default}' by {scores[choice]['gain']:+.3f}"
-                  + (f" > {min_gain:g}" if min_gain else "")
+                  + (f", above the minimum {min_gain:g}" if min_gain else "")
                   + f" (bootstrap {lower:.2g}th percentile {scores[choice]['gain_low']:+.3f} > 0)")
     else:
         choice = default
         best = max(terms, key=lambda n: scores[n]["score"])
         reason = ("the default: no candidate beats it beyond the validation's noise"
-                  + (f" by more than {min_gain:g}" if min_gain else "")
+                  + (f" and by a mean gain above {min_gain:g}" if min_gain else "")
                   + (f" (best mean: {best}, {scores[best]['score']:.3f} vs {scores[default]['score']:.3f})"
                      if best != default else ""))
     return SelectionReport(choice, reason, scores, {**(validation or {}), "notes": list(notes or [])})

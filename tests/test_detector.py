@@ -201,6 +201,9 @@ def test_own_test_grid_reads_each_image_shape_unsquashed(fake_backbones, parts, 
     for i, image in enumerate(batch):
         alone_maps, alone_scores = own.score_arrays([image])
         assert torch.allclose(maps[i], alone_maps[0], atol=1e-5) and torch.isclose(scores[i], alone_scores[0])
+    # shapes whose own grids agree for every family are read as one group
+    smaller = np.ascontiguousarray(square[:-2, :-2])
+    assert own.test_groups([wide, square, smaller], own.families()) == [(2.0, [0]), (1.0, [1, 2])]
     before, _ = squashed.score_arrays(batch)
     assert torch.allclose(maps[1], before[1], atol=1e-5)
     assert not torch.allclose(maps[0], before[0], atol=1e-3)
@@ -212,7 +215,7 @@ def test_own_test_grid_reads_each_image_shape_unsquashed(fake_backbones, parts, 
         Detector("semantic", test_grid="image")
     # PatchCore's reweighting scores the features of one grid: it reads every image on the category's
     reweight = Detector("texture", image_score="reweight", **FAST).fit(parts["train"][:shots])
-    assert reweight.test_groups(batch) == [(reweight.aspect, [0, 1, 2])]
+    assert reweight.test_groups(batch, ["texture"]) == [(reweight.aspect, [0, 1, 2])]
 
 
 def test_thresholds_follow_the_target_false_positive_rate(fake_backbones, parts):

@@ -365,7 +365,7 @@ def prepare_category(job: CategoryJob) -> tuple[list[str], CategoryData]:
             raise RuntimeError(f"this worker loads backbone {found}, the driver {job.backbones[family]}: "
                                "install the same weights on every node")
     groups, seconds = [], dict.fromkeys(families, 0.0)
-    for group_aspect, indices in det.test_groups(tests.images):
+    for group_aspect, indices in det.test_groups(tests.images, families):
         feats, mirrors, spent = _extract(det, [tests.images[i] for i in indices], [tests.keys[i] for i in indices],
                                          families, job.progress, group_aspect)
         groups.append(FeatureGroup(indices, feats, mirrors))

@@ -188,22 +188,27 @@ class Detector:
         mirror_keys = [f"{k}#mirror" if k is not None else None for k in keys or [None] * len(images)]
         return {f: self.features(f, images, mirror_keys, mirrored=True, aspect=aspect) for f in families}
 
-    def test_groups(self, arrays: Sequence[np.ndarray]) -> list[tuple[float, list[int]]]:
+    def test_groups(self, arrays: Sequence[np.ndarray], families: Sequence[str]
+                    ) -> list[tuple[float, list[int]]]:
         """The aspect each test image is read at, with the indices read at it: the category's for
         all (`test_grid` "category", or the `reweight` image score, which scores features of one
-        grid), or each image shape's own ("own")."""
+        grid), or each image's own ("own"). Images whose own aspects give the same grids for every
+        family in `families` are one group, read in the same batches (magnetic_tile's 464 test
+        image shapes make 51 groups)."""
         if self.config.test_grid == "category" or self.image_score == "reweight":
             return [(self._aspect(), list(range(len(arrays))))]
-        shapes: dict[tuple[int, int], list[int]] = {}
+        groups: dict[tuple, tuple[float, list[int]]] = {}
         for i, array in enumerate(arrays):
-            shapes.setdefault(array.shape[:2], []).append(i)
-        return [(width / height, indices) for (height, width), indices in shapes.items()]
+            aspect = array.shape[1] / array.shape[0]
+            grids = tuple(self.featurizer(f).grid(aspect) for f in families)
+            groups.setdefault(grids, (aspect, []))[1].append(i)
+        return list(groups.values())
 
     def feature_groups(self, arrays: Sequence[np.ndarray], keys: Sequence[str | None] | None,
                        families: Sequence[str]) -> list[FeatureGroup]:
         """Test images' features (and the mirror images', with the flip) per `test_groups` group."""
         out = []
-        for aspect, indices in self.test_groups(arrays):
+        for aspect, indices in self.test_groups(arrays, families):
             images = [arrays[i] for i in indices]
             group_keys = [keys[i] for i in indices] if keys is not None else None
             out.append(FeatureGroup(indices, {f: self.features(f, images, group_keys, aspect=aspect) for f in families},

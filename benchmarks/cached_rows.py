@@ -15,3 +15,8 @@ def cached_rows(path: Path, collect: Callable[[], list[dict]]) -> list[dict]:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(rows))
     return rows
+
+
+def recorded_rows(paths: list[Path]) -> list[dict]:
+    """The rows of several recorded runs (`--rows`), read together for one report."""
+    return [row for path in paths for row in json.loads(path.read_text())]

@@ -20,7 +20,6 @@ leave-one-category-out choice per shot count (best mean image AUROC on the other
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +30,7 @@ from astfad.data.datasets import sample_shots, scan_dataset
 from astfad.detector import Detector
 from astfad.metrics import image_auroc
 from astfad.scoring import image_scores, to_eval_grid
-from cached_rows import cached_rows
+from cached_rows import cached_rows, recorded_rows
 from protocol import held_out_best, probe_test_set, strided_metrics
 
 VARIANTS = ("d", "d-0.5r", "d-r", "d/(r+m)")
@@ -111,7 +110,7 @@ def main() -> None:
     parser.add_argument("--rows", type=Path, nargs="+", help="report on these recorded runs together")
     args = parser.parse_args()
     if args.rows:
-        rows = [row for path in args.rows for row in json.loads(path.read_text())]
+        rows = recorded_rows(args.rows)
     else:
         rows = cached_rows(args.out, lambda: collect(args.data, args.shots, args.seeds))
     report(rows)

@@ -38,7 +38,7 @@ from astfad.metrics import image_auroc
 from astfad.scoring import image_scores
 from astfad.selection import (BOOTSTRAP_RESAMPLES, DEFAULT_STRATEGY, FAMILY_ERROR, MAP_SCORE_RULES,
                               choose_image_score, choose_strategy, min_gain, separation)
-from cached_rows import cached_rows
+from cached_rows import cached_rows, recorded_rows
 from protocol import held_out_best, probe_test_set, strided_metrics
 
 
@@ -222,7 +222,7 @@ def main() -> None:
                         help="the rule the records were made under, which must reproduce their choices")
     args = parser.parse_args()
     if args.rows:
-        rows = [row for path in args.rows for row in json.loads(path.read_text())]
+        rows = recorded_rows(args.rows)
     else:
         rows = cached_rows(args.out, lambda: collect(args.data, args.shots, args.seeds,
                                                            args.out.with_suffix(".partial.json")))

@@ -20,7 +20,6 @@ Rows are cached in --out (JSON): a rerun only re-evaluates; --rows pools several
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +30,7 @@ import yaml
 from astfad.config import DetectorConfig
 from astfad.data.datasets import sample_shots, scan_dataset
 from astfad.detector import Detector
-from cached_rows import cached_rows
+from cached_rows import cached_rows, recorded_rows
 from protocol import held_out_best, probe_test_set, strided_metrics
 
 MEASURES = ("image_auroc", "pixel_auroc", "aupro")
@@ -107,7 +106,7 @@ def main() -> None:
     parser.add_argument("--rows", type=Path, nargs="+", help="report on these cached runs together")
     args = parser.parse_args()
     if args.rows:
-        rows = [row for path in args.rows for row in json.loads(path.read_text())]
+        rows = recorded_rows(args.rows)
     else:
         if not args.setting or not args.values:
             parser.error("--setting and --values are needed to collect rows (or --rows to report)")

@@ -2,10 +2,16 @@
 
 A patch far from every normal reference may still be normal: a variation the few shots do not
 show but most other parts of the batch do. This probe scores each test patch by
-  - `semantic`: its cosine distance to the nearest normal reference (the few-shot expert);
+  - `semantic`: its cosine distance to the nearest normal reference (the few-shot expert, its
+    self-match off);
   - `mutual`: the zero-shot mutual score within its batch (experts/mutual.py, no shot used);
   - `min`: the smaller of the two (a normal look-alike in the shots OR in most of the batch);
   - `mean`: their average;
+  - `self`: its cosine distance to the k-th nearest patch (`--self-k`) of its OWN image farther
+    than SELF_RADIUS patches away (experts/semantic.py; a batch of one: a structure the shots
+    lack but the part repeats, a pad, a thread, a texture, is normal; a defect is usually unique);
+  - `min_self`: the smaller of `semantic` and `self`; `mean_self`: the mean of `semantic` and
+    `min_self` (the semantic expert's self-match, `self_match` k);
 on seeded random batches of BATCH test images, with the shared protocol (evaluation grid, blur,
 top-1% image score), and prints image AUROC / pixel AUROC / AUPRO per category and the rule a
 leave-one-category-out choice makes (best mean image AUROC on the other categories).
@@ -33,12 +39,15 @@ from astfad.benchmark import category_aspect, load_test_set
 from astfad.data.datasets import sample_shots, scan_dataset
 from astfad.detector import Detector
 from astfad.experts.mutual import mutual_distances, split_batches
+from astfad.experts.semantic import self_match_distances
 from astfad.scoring import image_scores, to_eval_grid
 from cached_rows import cached_rows
 from protocol import held_out_best
 
 BATCH = 32
-RULES = ("semantic", "mutual", "min", "mean")
+RULES = ("semantic", "mutual", "min", "mean", "self", "min_self", "mean_self")
+SELF_RULES = {"self", "min_self", "mean_self"}
+BATCH_RULES = {"mutual", "min", "mean"}
 
 
 def test_features(det: Detector, tests, cache: Path, name: str) -> torch.Tensor:
@@ -73,24 +82,33 @@ def batch_mutual(feats: torch.Tensor, labels: np.ndarray, rng: np.random.Generat
     return mutual
 
 
-def collect(data: Path, shots: list[int], seeds: list[int], cache: Path, defect_share: float | None) -> list[dict]:
+def collect(data: Path, shots: list[int], seeds: list[int], cache: Path, defect_share: float | None,
+            rules: list[str], categories: list[str] | None, self_k: int) -> list[dict]:
     rows = []
     for category in scan_dataset(data):
+        if categories and category.name not in categories:
+            continue
         aspect = category_aspect(category)
-        probe = Detector("semantic", aspect_ratio=aspect)
+        probe = Detector("semantic", aspect_ratio=aspect, self_match=0)
         probe.aspect = aspect
         tests = load_test_set(category, probe.eval_grid(), print)
         feats = test_features(probe, tests, cache, category.name)
         grid, n = probe.eval_grid(), len(tests.labels)
+        own = torch.cat([self_match_distances(feats[i:i + 32], self_k) for i in range(0, n, 32)]) \
+            if SELF_RULES & set(rules) else None
         for seed in seeds:
-            mutual = batch_mutual(feats, tests.labels, np.random.default_rng(seed), defect_share)
+            mutual = batch_mutual(feats, tests.labels, np.random.default_rng(seed), defect_share) \
+                if BATCH_RULES & set(rules) else None
             for k in shots:
                 train = [s.path for s in sample_shots(category.train, k, seed, "random")]
-                det = Detector("semantic", aspect_ratio=aspect, seed=seed).fit(train)
+                det = Detector("semantic", aspect_ratio=aspect, seed=seed, self_match=0).fit(train)
                 fewshot = torch.cat([det.experts["semantic"].distances(feats[i:i + 32]) for i in range(0, n, 32)])
-                patch = {"semantic": fewshot, "mutual": mutual, "min": torch.minimum(fewshot, mutual),
-                         "mean": (fewshot + mutual) / 2}
-                for rule, raw in patch.items():
+                patch = {"semantic": lambda: fewshot, "mutual": lambda: mutual,
+                         "min": lambda: torch.minimum(fewshot, mutual), "mean": lambda: (fewshot + mutual) / 2,
+                         "self": lambda: own, "min_self": lambda: torch.minimum(fewshot, own),
+                         "mean_self": lambda: (fewshot + torch.minimum(fewshot, own)) / 2}
+                for rule in rules:
+                    raw = patch[rule]()
                     maps = to_eval_grid(raw, grid, det.config.blur_sigma)
                     scores = image_scores(maps, "top1").numpy()
                     metrics = tests.metrics(scores, maps.numpy())
@@ -102,23 +120,24 @@ def collect(data: Path, shots: list[int], seeds: list[int], cache: Path, defect_
 
 def report(rows: list[dict]) -> None:
     categories = sorted({r["category"] for r in rows})
+    rules = [rule for rule in RULES if any(r["rule"] == rule for r in rows)]
     for k in sorted({r["shots"] for r in rows}):
         value = {}
         for c in categories:
-            for rule in RULES:
+            for rule in rules:
                 cells = [r for r in rows if r["category"] == c and r["shots"] == k and r["rule"] == rule]
                 value[(c, rule)] = [100 * float(np.mean([r[m] for r in cells]))
                                     for m in ("image_auroc", "pixel_auroc", "aupro")]
         print(f"\n{k} shot(s), batches of {BATCH}: image AUROC / pixel AUROC / AUPRO (%, mean over seeds)")
         print("| rule | " + " | ".join(categories) + " | mean |")
         print("|---|" + "---|" * (len(categories) + 1))
-        for rule in RULES:
+        for rule in rules:
             cells = [value[(c, rule)] for c in categories]
             mean = np.mean(cells, axis=0)
             print(f"| {rule} | " + " | ".join("/".join(f"{v:.1f}" for v in cell) for cell in cells)
                   + " | " + "/".join(f"{v:.1f}" for v in mean) + " |")
         held = []
-        for c, best in held_out_best(categories, RULES, lambda o, r: value[(o, r)][0]).items():
+        for c, best in held_out_best(categories, rules, lambda o, r: value[(o, r)][0]).items():
             held.append(value[(c, best)][0])
             print(f"- {c}: {best} chosen on the others -> image AUROC {held[-1]:.1f}")
         print(f"mean held-out image AUROC {np.mean(held):.1f} vs semantic "
@@ -134,8 +153,12 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/batch_evidence.json"))
     parser.add_argument("--defect-share", type=float, default=None,
                         help="compose batches with this share of defective images (default: random batches)")
+    parser.add_argument("--rules", nargs="+", choices=RULES, default=list(RULES))
+    parser.add_argument("--categories", nargs="+", default=None, help="default: every category")
+    parser.add_argument("--self-k", type=int, default=1, help="the self rules' k-th nearest patch")
     args = parser.parse_args()
-    rows = cached_rows(args.out, lambda: collect(args.data, args.shots, args.seeds, args.cache, args.defect_share))
+    rows = cached_rows(args.out, lambda: collect(args.data, args.shots, args.seeds, args.cache,
+                                                 args.defect_share, args.rules, args.categories, args.self_k))
     report(rows)
 
 

@@ -356,3 +356,24 @@ def test_batch_evidence_never_raises_a_score_and_keeps_rare_defects_first(fake_b
     assert image_auroc(labels, [p.score for p in with_batch]) == 1.0
     with pytest.raises(ValueError, match="at least 8 images"):
         det.predict(batch[:5], batch_evidence=True)
+
+
+def test_self_match_is_saved_and_a_file_from_before_loads_without_it(fake_backbones, parts, tmp_path):
+    """The default detector discounts its semantic distances by the part's own look-alikes (maps
+    never higher than without); a saved model keeps that, a file from before the setting loads
+    with it off and scores as a detector fitted without it."""
+    matched = Detector("semantic", **FAST).fit(parts["train"][:2])
+    plain = Detector("semantic", self_match=0, **FAST).fit(parts["train"][:2])
+    tile = np.random.default_rng(5).integers(0, 256, (28, 28, 3), dtype=np.uint8)
+    test = [*parts["test"], np.tile(tile, (4, 4, 1))]  # a pattern the shots lack, repeated on the part
+    _, with_self = matched.maps_of(test, strategy="all")
+    _, without = plain.maps_of(test, strategy="all")
+    assert bool((with_self["semantic"] <= without["semantic"] + 1e-6).all())
+    assert torch.allclose(with_self["semantic"][-1], without["semantic"][-1] * 0.5, rtol=0.05)
+    path = matched.save(tmp_path / "matched.safetensors")
+    assert [p.score for p in Detector.load(path).predict(test)] == [p.score for p in matched.predict(test)]
+    meta, tensors = read_raw(plain.save(tmp_path / "plain.safetensors"))
+    del meta["config"]["self_match"]
+    before = Detector.load(write_raw(tmp_path / "before.safetensors", meta, tensors))
+    assert before.config.self_match == 0
+    assert [p.score for p in before.predict(test)] == [p.score for p in plain.predict(test)]

@@ -139,6 +139,11 @@ class DetectorConfig:
     semantic_layers: tuple[int, ...] | None = None  # None: the backbone's measured default
     rotate_references: bool | None = None  # None: on when fitted with <= 4 images
     mask_background: bool = False
+    # self-match: a semantic patch distance gives up half its excess over the distance to the patch's
+    # k-th look-alike elsewhere on the same image (farther than SELF_RADIUS patches): a structure the
+    # shots lack but the part itself repeats (a pad, a thread, its texture) is normal, a defect is
+    # usually unique on its part. 0: off. k = 4: leave-one-category-out, README "Self-match"
+    self_match: int = 4
     # subspace expert: fraction of the normal tokens' variance its principal subspace keeps
     subspace_variance: float = 0.99
     # adapter
@@ -208,6 +213,8 @@ class DetectorConfig:
         if self.test_flip is not None and not isinstance(self.test_flip, bool):
             raise ValueError(f"test_flip must be true, false or null (on above {FEW_SHOTS} shots), "
                              f"got {self.test_flip!r}")
+        if isinstance(self.self_match, bool) or not isinstance(self.self_match, int) or self.self_match < 0:
+            raise ValueError(f"self_match must be a whole number >= 0 (0: off), got {self.self_match!r}")
         if self.test_grid not in TEST_GRIDS:
             raise ValueError(f"test_grid must be one of {TEST_GRIDS}, got '{self.test_grid}'")
         if not self.blur_sigma >= 0:

@@ -712,8 +712,8 @@ class Detector:
         fitted with `semantic_weights=X` needs `Detector.load(path, semantic_weights=X)` again."""
         path = Path(path)
         meta, tensors = read_model_file(path, FORMAT_VERSION)
-        # files from before the flip and the own test grids were fitted without them
-        config = {"test_flip": False, "test_grid": "category", **meta["config"]}
+        # files from before the flip, the own test grids and the self-match were fitted without them
+        config = {"test_flip": False, "test_grid": "category", "self_match": 0, **meta["config"]}
         config["threads"] = None  # this machine's cores, not those of the one that fitted it
         if device is not None:
             config["device"] = device

@@ -42,6 +42,7 @@ from astfad.config import experts_of, parse_strategy
 from astfad.data.images import write_atomically
 from astfad.detector import Detector, family_of
 from astfad.experts.base import flatten_patches
+from astfad.experts.semantic import self_discount, self_match_distances
 from astfad.runtime.ort import OPSET, export_onnx
 from astfad.scoring import image_scores, to_eval_grid
 
@@ -102,6 +103,8 @@ class DetectorGraph(nn.Module):
             queries = flatten_patches(expert.transform(feats))
             dist = _nearest_distance(queries, getattr(self, f"{name}_bank"),
                                      getattr(self, f"{name}_bank_sq", None), expert.metric).reshape(b, h, w)
+            if getattr(expert, "self_match", 0):  # the whole batch at once: no loop to trace
+                dist = self_discount(dist, self_match_distances(feats, expert.self_match))
         if getattr(expert, "mask_background", False) and getattr(expert, "pca_direction", None) is not None:
             dist = dist * expert.foreground(feats).to(dist.dtype)
         return dist

@@ -54,7 +54,7 @@ REGISTRY: dict[str, ExpertSpec] = {spec.name: spec for spec in (
     ExpertSpec("texture", "texture", TextureExpert,
                lambda c, blocks: TextureExpert(c.coreset_budget, c.coreset_projection_dim, c.seed)),
     ExpertSpec("semantic", "semantic", SemanticExpert,
-               lambda c, blocks: SemanticExpert(c.mask_background, c.seed), on_references=True,
+               lambda c, blocks: SemanticExpert(c.mask_background, c.seed, c.self_match), on_references=True,
                batch_evidence=True),
     ExpertSpec("semantic_adapter", "semantic", AdaptedSemanticExpert,
                lambda c, blocks: AdaptedSemanticExpert(None, c.mask_background, c.seed),

@@ -1,21 +1,51 @@
 """Semantic expert: DINOv2 patch tokens, cosine nearest-neighbour distance to the normal
-patches (AnomalyDINO), with optional PCA background masking of test images."""
+patches (AnomalyDINO), discounted by the image's own look-alikes (self-match), with optional PCA
+background masking of test images."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
 import torch
+import torch.nn.functional as F
 
 from astfad.experts.base import KNNExpert, TensorLayoutError, flatten_patches, require_float
+
+SELF_RADIUS = 3  # patches this close (Chebyshev, in grid steps) are a patch's own surroundings
+SELF_WEIGHT = 0.5  # the share of a distance's excess over the self-match distance given up
+SELF_CHUNK = 32  # images per similarity block (32 x 1024^2 floats at 448 px: 128 MiB)
+
+
+def self_match_distances(feats: torch.Tensor, k: int, radius: int = SELF_RADIUS) -> torch.Tensor:
+    """(B, h, w): each patch's cosine distance to its k-th nearest patch of the same image among
+    those more than `radius` patches away, so that a patch never meets itself or its neighbours and
+    a defect must repeat k times on the part to look normal (2, the largest cosine distance, where
+    the image has fewer than k such patches)."""
+    b, d, h, w = feats.shape
+    ys, xs = torch.meshgrid(torch.arange(h, device=feats.device), torch.arange(w, device=feats.device),
+                            indexing="ij")
+    ys, xs = ys.flatten(), xs.flatten()
+    near = ((ys[:, None] - ys[None]).abs() <= radius) & ((xs[:, None] - xs[None]).abs() <= radius)
+    patches = F.normalize(feats.float().reshape(b, d, h * w), dim=1)
+    # one batched product, no loop over images: the exported graph keeps a dynamic batch
+    sim = torch.bmm(patches.transpose(1, 2), patches).masked_fill(near, -1.0)
+    kth = sim.topk(min(k, h * w), dim=2).values[..., -1]
+    return (1.0 - kth).clamp_min(0.0).reshape(b, h, w)
+
+
+def self_discount(dist: torch.Tensor, own: torch.Tensor) -> torch.Tensor:
+    """Distances `dist` less SELF_WEIGHT of their excess over the self-match distances `own`:
+    never raised, and a patch with no look-alike on its part keeps its distance."""
+    return dist - SELF_WEIGHT * (dist - own.to(dist.dtype)).clamp_min(0.0)
 
 
 class SemanticExpert(KNNExpert):
     name = "semantic"
 
-    def __init__(self, mask_background: bool = False, seed: int = 0) -> None:
+    def __init__(self, mask_background: bool = False, seed: int = 0, self_match: int = 0) -> None:
         super().__init__("cosine", budget=None, seed=seed)
         self.mask_background = mask_background
+        self.self_match = self_match
         self.pca_mean: torch.Tensor | None = None
         self.pca_direction: torch.Tensor | None = None
 
@@ -43,9 +73,18 @@ class SemanticExpert(KNNExpert):
         proj = (flatten_patches(feats) - self.pca_mean) @ self.pca_direction
         return (proj > 0).reshape(b, h, w)
 
+    def self_discounted(self, feats: torch.Tensor, dist: torch.Tensor) -> torch.Tensor:
+        """`dist` (B, h, w) less SELF_WEIGHT of its excess over the self-match distance (unchanged
+        with `self_match` 0): the same on test, normal and validation images, none of which meets
+        its own patch or its neighbours."""
+        if not self.self_match:
+            return dist
+        return self_discount(dist, torch.cat([self_match_distances(feats[i:i + SELF_CHUNK], self.self_match)
+                                              for i in range(0, len(feats), SELF_CHUNK)]))
+
     def distances(self, feats: torch.Tensor,
                   exclude: Sequence[int | None] | None = None) -> torch.Tensor:
-        dist = super().distances(feats, exclude)
+        dist = self.self_discounted(feats, super().distances(feats, exclude))
         if self.mask_background and self.pca_direction is not None:
             dist = dist * self.foreground(feats)
         return dist

@@ -25,6 +25,7 @@ ones, and every good image in a batch of good ones plus that many defective imag
 
     OMP_NUM_THREADS=1 python benchmarks/batch_evidence.py --data ../shared/data --shots 1 4 \
         --seeds 0 1 2 --cache runs/feature_cache --out runs/batch_evidence.json
+    python benchmarks/batch_evidence.py --rows runs/batch_evidence.json runs/batch_evidence_gen.json
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from astfad.detector import Detector
 from astfad.experts.mutual import mutual_distances, split_batches
 from astfad.experts.semantic import self_match_distances
 from astfad.scoring import image_scores, to_eval_grid
-from cached_rows import cached_rows
+from cached_rows import cached_rows, recorded_rows
 from protocol import held_out_best
 
 BATCH = 32
@@ -156,9 +157,13 @@ def main() -> None:
     parser.add_argument("--rules", nargs="+", choices=RULES, default=list(RULES))
     parser.add_argument("--categories", nargs="+", default=None, help="default: every category")
     parser.add_argument("--self-k", type=int, default=1, help="the self rules' k-th nearest patch")
+    parser.add_argument("--rows", type=Path, nargs="+", help="report on these recorded runs together")
     args = parser.parse_args()
-    rows = cached_rows(args.out, lambda: collect(args.data, args.shots, args.seeds, args.cache,
-                                                 args.defect_share, args.rules, args.categories, args.self_k))
+    if args.rows:
+        rows = recorded_rows(args.rows)
+    else:
+        rows = cached_rows(args.out, lambda: collect(args.data, args.shots, args.seeds, args.cache,
+                                                     args.defect_share, args.rules, args.categories, args.self_k))
     report(rows)
 
 

@@ -137,7 +137,7 @@ def pixel_with_separation_veto(terms: Terms, seed: int, shots: int) -> str:
     return DEFAULT_STRATEGY if best_separation(terms[choice]) < best_separation(terms[DEFAULT_STRATEGY]) else choice
 
 
-MARGINS = (0.01, 0.02, 0.03, 0.04, 0.05, 0.06)
+MARGINS = (0.01, 0.02, 0.03, 0.04, 0.05, 0.06, 0.08, 0.1)
 RULES: dict[str, Rule] = {"current": current, "separation": by_separation,
                           "separation, bootstrap": by_separation_bootstrap,
                           "pixel, separation veto": pixel_with_separation_veto,

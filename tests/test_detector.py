@@ -5,7 +5,7 @@ import torch
 from astfad.config import candidate_strategies
 from astfad.detector import FORMAT_VERSION, Detector, ModelFileError
 from astfad.metrics import image_auroc
-from astfad.selection import MIN_GAIN, choose_strategy
+from astfad.selection import MIN_GAIN, ONE_SHOT_MIN_GAIN, choose_strategy
 from conftest import read_raw, write_raw
 
 FAST = dict(semantic_size=112, texture_size=112, eval_size=112, adapter_steps=20)
@@ -68,7 +68,7 @@ def test_auto_selects_with_a_report(fake_backbones, parts):
     assert image_auroc(parts["labels"], [p.score for p in det.predict(parts["test"])]) >= 0.9
 
 
-def test_auto_asks_a_minimum_gain_above_one_shot(fake_backbones, parts, monkeypatch):
+def test_auto_asks_its_minimum_gain_by_the_shot_count(fake_backbones, parts, monkeypatch):
     asked = []
 
     def recording(*args, **kwargs):
@@ -77,7 +77,7 @@ def test_auto_asks_a_minimum_gain_above_one_shot(fake_backbones, parts, monkeypa
     monkeypatch.setattr("astfad.detector.choose_strategy", recording)
     for shots in (1, 2):
         Detector("auto", **FAST).fit(parts["train"][:shots])
-    assert asked == [0.0, MIN_GAIN]
+    assert asked == [ONE_SHOT_MIN_GAIN, MIN_GAIN]
 
 
 def test_auto_validates_the_image_score_rule_and_scores_with_it(fake_backbones, parts, tmp_path, monkeypatch):

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from astfad.data.synthetic import ANOMALY_KINDS
-from astfad.selection import (MIN_GAIN, PAPER_PRESET, Evidence, SelectionReport, choose_image_score, choose_strategy,
+from astfad.selection import (MIN_GAIN, ONE_SHOT_MIN_GAIN, PAPER_PRESET, Evidence, SelectionReport, choose_image_score, choose_strategy,
                               load_pinned, min_gain, pixel_fractions, pinned_strategy, rule_scores, separation,
                               synthetic_anomalies, validation_terms)
 
@@ -89,7 +89,7 @@ def test_default_kept_unless_beaten_beyond_noise():
     kept = choose_strategy(validation_terms(better, masks), "semantic", min_gain=gain + 0.01)
     assert kept.choice == "semantic" and f"by a mean gain above {gain + 0.01:g}" in kept.reason
     assert choose_strategy(validation_terms(better, masks), "semantic", min_gain=gain - 0.01).choice == "texture"
-    assert min_gain(1) == 0.0 and min_gain(2) == min_gain(16) == MIN_GAIN > 0
+    assert min_gain(1) == ONE_SHOT_MIN_GAIN > min_gain(2) == min_gain(16) == MIN_GAIN > 0
     with pytest.raises(ValueError, match="default"):
         choose_strategy(validation_terms({"texture": better["texture"]}, masks), "semantic")
 

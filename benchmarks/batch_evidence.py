@@ -11,7 +11,7 @@ show but most other parts of the batch do. This probe scores each test patch by
     than SELF_RADIUS patches away (experts/semantic.py; a batch of one: a structure the shots
     lack but the part repeats, a pad, a thread, a texture, is normal; a defect is usually unique);
   - `min_self`: the smaller of `semantic` and `self`; `mean_self`: the mean of `semantic` and
-    `min_self` (the semantic expert's self-match, `self_match` k);
+    `min_self`, which is the semantic expert's self-match (`self_discount`, `self_match` k);
 on seeded random batches of BATCH test images, with the shared protocol (evaluation grid, blur,
 top-1% image score), and prints image AUROC / pixel AUROC / AUPRO per category and the rule a
 leave-one-category-out choice makes (best mean image AUROC on the other categories).
@@ -37,10 +37,11 @@ import numpy as np
 import torch
 
 from astfad.benchmark import category_aspect, load_test_set
+from astfad.config import DetectorConfig
 from astfad.data.datasets import sample_shots, scan_dataset
 from astfad.detector import Detector
 from astfad.experts.mutual import mutual_distances, split_batches
-from astfad.experts.semantic import self_match_distances
+from astfad.experts.semantic import self_discount, self_match_distances
 from astfad.scoring import image_scores, to_eval_grid
 from cached_rows import cached_rows, recorded_rows
 from protocol import held_out_best
@@ -95,8 +96,7 @@ def collect(data: Path, shots: list[int], seeds: list[int], cache: Path, defect_
         tests = load_test_set(category, probe.eval_grid(), print)
         feats = test_features(probe, tests, cache, category.name)
         grid, n = probe.eval_grid(), len(tests.labels)
-        own = torch.cat([self_match_distances(feats[i:i + 32], self_k) for i in range(0, n, 32)]) \
-            if SELF_RULES & set(rules) else None
+        own = self_match_distances(feats, self_k) if SELF_RULES & set(rules) else None
         for seed in seeds:
             mutual = batch_mutual(feats, tests.labels, np.random.default_rng(seed), defect_share) \
                 if BATCH_RULES & set(rules) else None
@@ -107,7 +107,7 @@ def collect(data: Path, shots: list[int], seeds: list[int], cache: Path, defect_
                 patch = {"semantic": lambda: fewshot, "mutual": lambda: mutual,
                          "min": lambda: torch.minimum(fewshot, mutual), "mean": lambda: (fewshot + mutual) / 2,
                          "self": lambda: own, "min_self": lambda: torch.minimum(fewshot, own),
-                         "mean_self": lambda: (fewshot + torch.minimum(fewshot, own)) / 2}
+                         "mean_self": lambda: self_discount(fewshot, own)}
                 for rule in rules:
                     raw = patch[rule]()
                     maps = to_eval_grid(raw, grid, det.config.blur_sigma)
@@ -156,7 +156,8 @@ def main() -> None:
                         help="compose batches with this share of defective images (default: random batches)")
     parser.add_argument("--rules", nargs="+", choices=RULES, default=list(RULES))
     parser.add_argument("--categories", nargs="+", default=None, help="default: every category")
-    parser.add_argument("--self-k", type=int, default=1, help="the self rules' k-th nearest patch")
+    parser.add_argument("--self-k", type=int, default=DetectorConfig().self_match,
+                        help="the self rules' k-th nearest patch (default: the detector's self_match)")
     parser.add_argument("--rows", type=Path, nargs="+", help="report on these recorded runs together")
     args = parser.parse_args()
     if args.rows:

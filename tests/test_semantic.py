@@ -67,3 +67,8 @@ def test_self_match_is_validated():
     for bad in (-1, 2.5, True, "4"):
         with pytest.raises(ValueError, match="self_match"):
             DetectorConfig(self_match=bad)
+
+
+def test_chunks_of_images_give_the_one_product_result():
+    feats = torch.randn(5, D, 9, 9, generator=torch.Generator().manual_seed(7))
+    assert torch.allclose(self_match_distances(feats, 4, chunk=2), self_match_distances(feats, 4, chunk=None))

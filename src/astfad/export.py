@@ -103,8 +103,8 @@ class DetectorGraph(nn.Module):
             queries = flatten_patches(expert.transform(feats))
             dist = _nearest_distance(queries, getattr(self, f"{name}_bank"),
                                      getattr(self, f"{name}_bank_sq", None), expert.metric).reshape(b, h, w)
-            if getattr(expert, "self_match", 0):  # the whole batch at once: no loop to trace
-                dist = self_discount(dist, self_match_distances(feats, expert.self_match))
+            if getattr(expert, "self_match", 0):  # the whole batch in one product: no loop to trace
+                dist = self_discount(dist, self_match_distances(feats, expert.self_match, chunk=None))
         if getattr(expert, "mask_background", False) and getattr(expert, "pca_direction", None) is not None:
             dist = dist * expert.foreground(feats).to(dist.dtype)
         return dist

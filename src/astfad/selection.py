@@ -32,8 +32,8 @@ ONE_SHOT_MIN_GAIN 0.06 at one shot once the semantic expert matched the part aga
 (`self_match`): the quadrants of one image give larger gains to every challenger, and semantic,
 no longer misled by what the one shot lacks but the part repeats, tests better on the real parts
 where subspace gained up to 0.06, while grass and gravel gain 0.07-0.09 for real (before the
-self-match no minimum was chosen there). A margin on
-the bootstrap's lower bound instead lost the generated textures, whose gains are large but noisy.
+self-match no minimum was chosen there). A margin on the bootstrap's lower bound instead lost the
+generated textures, whose gains are large but noisy.
 
 The image-score rule is validated on the chosen candidate's evidence too (`choose_image_score`):
 the map's largest pixel (`max`) instead of its top-1% mean (`top1`) where that separates the

@@ -16,18 +16,23 @@ SELF_WEIGHT = 0.5  # the share of a distance's excess over the self-match distan
 SELF_CHUNK = 32  # images per similarity block (32 x 1024^2 floats at 448 px: 128 MiB)
 
 
-def self_match_distances(feats: torch.Tensor, k: int, radius: int = SELF_RADIUS) -> torch.Tensor:
+def self_match_distances(feats: torch.Tensor, k: int, radius: int = SELF_RADIUS,
+                         chunk: int | None = SELF_CHUNK) -> torch.Tensor:
     """(B, h, w): each patch's cosine distance to its k-th nearest patch of the same image among
     those more than `radius` patches away, so that a patch never meets itself or its neighbours and
     a defect must repeat k times on the part to look normal (2, the largest cosine distance, where
-    the image has fewer than k such patches)."""
+    the image has fewer than k such patches). Images go `chunk` at a time to bound the similarity
+    blocks; None takes the batch in one product (the exported graph, which must keep a dynamic
+    batch and so cannot trace a loop over it)."""
+    if chunk is not None and len(feats) > chunk:
+        return torch.cat([self_match_distances(feats[i:i + chunk], k, radius, None)
+                          for i in range(0, len(feats), chunk)])
     b, d, h, w = feats.shape
     ys, xs = torch.meshgrid(torch.arange(h, device=feats.device), torch.arange(w, device=feats.device),
                             indexing="ij")
     ys, xs = ys.flatten(), xs.flatten()
     near = ((ys[:, None] - ys[None]).abs() <= radius) & ((xs[:, None] - xs[None]).abs() <= radius)
     patches = F.normalize(feats.float().reshape(b, d, h * w), dim=1)
-    # one batched product, no loop over images: the exported graph keeps a dynamic batch
     sim = torch.bmm(patches.transpose(1, 2), patches).masked_fill(near, -1.0)
     kth = sim.topk(min(k, h * w), dim=2).values[..., -1]
     return (1.0 - kth).clamp_min(0.0).reshape(b, h, w)
@@ -77,10 +82,7 @@ class SemanticExpert(KNNExpert):
         """`dist` (B, h, w) less SELF_WEIGHT of its excess over the self-match distance (unchanged
         with `self_match` 0): the same on test, normal and validation images, none of which meets
         its own patch or its neighbours."""
-        if not self.self_match:
-            return dist
-        return self_discount(dist, torch.cat([self_match_distances(feats[i:i + SELF_CHUNK], self.self_match)
-                                              for i in range(0, len(feats), SELF_CHUNK)]))
+        return self_discount(dist, self_match_distances(feats, self.self_match)) if self.self_match else dist
 
     def distances(self, feats: torch.Tensor,
                   exclude: Sequence[int | None] | None = None) -> torch.Tensor:

@@ -7,7 +7,8 @@ to the category's feature grid, the cheap way for a detector whose features shar
 tokens for an elongated image; `test_image`: the references on the category grid, each test image
 on its own, what a detector gets by changing only its predict path), and horizontal flips (of the references: more normal variants in
 the bank; of the test image: test-time augmentation, its map averaged with the flipped-back map of
-the mirror image, read as the detector reads it)?
+the mirror image, read as the detector reads it), and the self-match's k (experts/semantic.py;
+0: the plain kNN)?
 
 Runs the semantic expert (cosine patch kNN, references rotated as the detector does, the
 detector's scoring protocol) for every (blocks, reference flips, test flips) variant on real
@@ -15,8 +16,9 @@ categories, one backbone pass per image and size (all blocks read at once, slice
 most --per-type defective images per defect type (all good ones). Prints image / pixel AUROC and
 AUPRO per category, their mean, and the leave-one-category-out choice (the variant with the best
 mean image AUROC on the other categories, per shot count) against the default (448 px, block 7,
-category grid, no flips, at --sigma), so that a setting is adopted only when every fold picks it
-(benchmarks/README.md).
+test images on their own grid, no flips, the detector's self-match, at --sigma): the protocol of
+benchmarks/README.md. `--ref-flips 0 --test-flips 0` computes only the unflipped variants (half
+the time) when blocks or k are the question.
 
 Rows are kept in --out-dir, one file per size, grid, sigma and category selection (the file name
 says which), so a rerun with the same arguments only re-reports and one with others never reuses
@@ -24,6 +26,8 @@ rows made otherwise.
 
     OMP_NUM_THREADS=2 python benchmarks/semantic_evidence.py --data ../shared/data --sizes 448 672 \
         --shots 1 4 --seeds 0 1 2 --sets "7;6,7,8"
+    OMP_NUM_THREADS=1 python benchmarks/semantic_evidence.py --data ../shared/data --grids test_image \
+        --sets "5;6;7;8;9;11" --self-match 4 --ref-flips 0 --test-flips 0
 """
 
 from __future__ import annotations
@@ -55,7 +59,8 @@ from cached_rows import cached_rows
 from protocol import held_out_best
 
 METRICS = ("image_auroc", "pixel_auroc", "aupro")
-DEFAULT = (448, OFFLINE_VIT_LAYERS, False, False, "category")  # size, blocks, flips (references, test), grid
+# size, blocks, flips (references, test), grid, self-match k: the detector's
+DEFAULT = (448, OFFLINE_VIT_LAYERS, False, False, "test_image", DetectorConfig().self_match)
 
 
 def subsample(labels: np.ndarray, types: list[str], per_type: int, seed: int = 0) -> list[int]:
@@ -112,7 +117,8 @@ def featurize_all(featurize: Callable[[int], Featurizer], size: int, images: lis
 
 
 def collect(data: Path, size: int, grid_rule: str, sigma: float, shots: list[int], seeds: list[int],
-            sets: list[tuple[int, ...]], per_type: int, only: set[str] | None) -> list[dict]:
+            sets: list[tuple[int, ...]], per_type: int, only: set[str] | None, self_match: list[int],
+            ref_flip_options: list[bool], test_flip_options: list[bool]) -> list[dict]:
     blocks = tuple(sorted({b for s in sets for b in s}))
     torch.manual_seed(0)
     vit = load_backbone("dinov2_vits14")
@@ -137,18 +143,19 @@ def collect(data: Path, size: int, grid_rule: str, sigma: float, shots: list[int
                                          labels=tests.labels[keep], pixel_valid=tests.pixel_valid[keep])
             start = time.perf_counter()
             plain = featurize_all(featurize, size, [tests.images[i] for i in keep], aspect, grid_rule)
-            mirror = featurize_all(featurize, size, [tests.images[i] for i in keep], aspect, grid_rule, mirrored=True)
+            mirror = (featurize_all(featurize, size, [tests.images[i] for i in keep], aspect, grid_rule, mirrored=True)
+                      if True in test_flip_options else None)
             print(f"{category.name}: {len(keep)} test images, {(time.perf_counter() - start) / len(keep) / 2:.2f} "
                   f"s/image at {size}, {grid_rule} grid", flush=True)
             for k, seed in itertools.product(shots, seeds):
                 images = [load_image(s.path) for s in sample_shots(category.train, k, seed)]
                 angles = reference_angles(k, aspect, None)
-                for ref_flips in (False, True):
+                for ref_flips in ref_flip_options:
                     refs, owners = references(images, angles, ref_flips)
                     ref_grid = "category" if grid_rule == "test_image" else grid_rule
                     ref_feats = featurize_all(featurize, size, refs, aspect, ref_grid)
-                    for layer_set in sets:
-                        expert = SemanticExpert()
+                    for layer_set, k_self in itertools.product(sets, self_match):
+                        expert = SemanticExpert(self_match=k_self)
                         # every reference patch as one row of a (1, D, 1, P) map: grids may differ
                         bank = torch.cat([f[cols[layer_set]].flatten(1) for f in ref_feats], dim=1)
                         patch_owners = torch.cat([torch.full((f[0].numel(),), o) for f, o in zip(ref_feats, owners)])
@@ -159,19 +166,21 @@ def collect(data: Path, size: int, grid_rule: str, sigma: float, shots: list[int
                                               for f in feats])
 
                         base = eval_maps(plain)
-                        both = (base + eval_maps(mirror)) / 2
-                        for test_flips, maps in ((False, base), (True, both)):
+                        for test_flips in test_flip_options:
+                            maps = (base + eval_maps(mirror)) / 2 if test_flips else base
                             m = subset.metrics(image_scores(maps).numpy(), maps.numpy())
                             rows.append({"category": category.name, "size": size, "shots": k, "seed": seed,
                                          "blocks": list(layer_set), "ref_flips": ref_flips,
                                          "test_flips": test_flips, "grid": grid_rule, "sigma": sigma,
+                                         "self_match": k_self,
                                          **{n: float(m[n]) for n in METRICS}})
                 print(f"  {k} shot(s) seed {seed} done", flush=True)
     return rows
 
 
 def variant(row: dict) -> tuple:
-    return (row["size"], tuple(row["blocks"]), row["ref_flips"], row["test_flips"], row["grid"])
+    return (row["size"], tuple(row["blocks"]), row["ref_flips"], row["test_flips"], row["grid"],
+            row.get("self_match", 0))  # rows from before the self-match: the plain kNN
 
 
 def report(rows: list[dict], sigma: float) -> None:
@@ -185,12 +194,12 @@ def report(rows: list[dict], sigma: float) -> None:
                 value[(c, v)] = [100 * float(np.mean([r[m] for r in cells])) for m in METRICS]
         done = [v for v in variants if all((c, v) in value for c in categories)]
         print(f"\n{k} shot(s): image AUROC / pixel AUROC / AUPRO (%, mean over seeds); "
-              f"variant = size, blocks, reference flips, test flips, grid; maps smoothed with sigma {sigma}")
+              f"variant = size, blocks, reference flips, test flips, grid, self-match k; maps smoothed with sigma {sigma}")
         print("| variant | " + " | ".join(categories) + " | mean |")
         print("|---|" + "---|" * (len(categories) + 1))
         for v in done:
             cells = [value[(c, v)] for c in categories]
-            print(f"| {v[0]} {','.join(map(str, v[1]))} {'R' if v[2] else '-'}{'T' if v[3] else '-'} {v[4]} | "
+            print(f"| {v[0]} {','.join(map(str, v[1]))} {'R' if v[2] else '-'}{'T' if v[3] else '-'} {v[4]} k{v[5]} | "
                   + " | ".join("/".join(f"{x:.1f}" for x in cell) for cell in cells)
                   + " | " + "/".join(f"{x:.1f}" for x in np.mean(cells, axis=0)) + " |")
         if DEFAULT not in done or len(categories) < 2:  # leave-one-out needs other categories to choose on
@@ -216,16 +225,23 @@ def main() -> None:
     parser.add_argument("--sigma", type=float, default=DetectorConfig().blur_sigma,
                         help="smoothing of the maps (default: the detector's)")
     parser.add_argument("--categories", nargs="+", help="only these categories (default: all)")
+    parser.add_argument("--self-match", type=int, nargs="+", default=[DetectorConfig().self_match],
+                        help="the self-match's k values to compare (0: the plain kNN)")
+    parser.add_argument("--ref-flips", type=int, nargs="+", choices=(0, 1), default=[0, 1])
+    parser.add_argument("--test-flips", type=int, nargs="+", choices=(0, 1), default=[0, 1])
     parser.add_argument("--out-dir", type=Path, default=Path("runs"))
     args = parser.parse_args()
     sets = [tuple(int(b) for b in s.split(",")) for s in args.sets.split(";")]
     only = set(args.categories) if args.categories else None
     rows = []
     selection = f"_{'+'.join(sorted(only))}" if only else ""
+    ref_flips, test_flips = sorted(set(map(bool, args.ref_flips))), sorted(set(map(bool, args.test_flips)))
+    selection += (f"_blocks{args.sets.replace(';', '-').replace(',', '.')}_k{'.'.join(map(str, args.self_match))}"
+                  f"_rf{''.join(str(int(f)) for f in ref_flips)}_tf{''.join(str(int(f)) for f in test_flips)}")
     for size, grid in itertools.product(args.sizes, args.grids):
         rows += cached_rows(args.out_dir / f"semantic_evidence_{size}_{grid}_sigma{args.sigma:g}{selection}.json",
                             lambda: collect(args.data, size, grid, args.sigma, args.shots, args.seeds, sets,
-                                            args.per_type, only))
+                                            args.per_type, only, args.self_match, ref_flips, test_flips))
     report(rows, args.sigma)
 
 

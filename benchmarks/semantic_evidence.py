@@ -27,7 +27,8 @@ rows made otherwise.
     OMP_NUM_THREADS=2 python benchmarks/semantic_evidence.py --data ../shared/data --sizes 448 672 \
         --shots 1 4 --seeds 0 1 2 --sets "7;6,7,8"
     OMP_NUM_THREADS=1 python benchmarks/semantic_evidence.py --data ../shared/data --grids test_image \
-        --sets "5;6;7;8;9;11" --self-match 4 --ref-flips 0 --test-flips 0
+        --sets "5;6;7;8;9;11" --self-match 4 --ref-flips 0 --test-flips 0 --out-dir runs/real
+    python benchmarks/semantic_evidence.py --rows runs/real/<file>.json runs/generated/<file>.json
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ from astfad.detector import OFFLINE_VIT_LAYERS, reference_angles
 from astfad.experts.semantic import SemanticExpert
 from astfad.features import Featurizer, semantic_reader
 from astfad.scoring import image_scores, to_eval_grid
-from cached_rows import cached_rows
+from cached_rows import cached_rows, recorded_rows
 from protocol import held_out_best
 
 METRICS = ("image_auroc", "pixel_auroc", "aupro")
@@ -230,7 +231,12 @@ def main() -> None:
     parser.add_argument("--ref-flips", type=int, nargs="+", choices=(0, 1), default=[0, 1])
     parser.add_argument("--test-flips", type=int, nargs="+", choices=(0, 1), default=[0, 1])
     parser.add_argument("--out-dir", type=Path, default=Path("runs"))
+    parser.add_argument("--rows", type=Path, nargs="+",
+                        help="report on these row files (of --out-dir) together, e.g. real and generated")
     args = parser.parse_args()
+    if args.rows:
+        report(recorded_rows(args.rows), args.sigma)
+        return
     sets = [tuple(int(b) for b in s.split(",")) for s in args.sets.split(";")]
     only = set(args.categories) if args.categories else None
     rows = []

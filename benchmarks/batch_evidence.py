@@ -26,6 +26,10 @@ ones, and every good image in a batch of good ones plus that many defective imag
     OMP_NUM_THREADS=1 python benchmarks/batch_evidence.py --data ../shared/data --shots 1 4 \
         --seeds 0 1 2 --cache runs/feature_cache --out runs/batch_evidence.json
     python benchmarks/batch_evidence.py --rows runs/batch_evidence.json runs/batch_evidence_gen.json
+
+The self-match's k: one run per `--self-k` (`--rules semantic mean_self`), their rows reported together
+with `--rows`; a self rule is labelled with its k (`mean_self k8`), so the leave-one-category-out
+choice is among the k values.
 """
 
 from __future__ import annotations
@@ -114,19 +118,26 @@ def collect(data: Path, shots: list[int], seeds: list[int], cache: Path, defect_
                     scores = image_scores(maps, "top1").numpy()
                     metrics = tests.metrics(scores, maps.numpy())
                     rows.append({"category": category.name, "shots": k, "seed": seed, "rule": rule,
+                                 **({"self_k": self_k} if rule in SELF_RULES else {}),
                                  **{m: metrics[m] for m in ("image_auroc", "pixel_auroc", "aupro")}})
                 print(category.name, k, seed, flush=True)
     return rows
 
 
+def label(row: dict) -> str:
+    """The row's rule, with its self-match k where it has one: runs with several `--self-k`
+    reported together (`--rows`) compare the k values as rules."""
+    return f"{row['rule']} k{row['self_k']}" if "self_k" in row else row["rule"]
+
+
 def report(rows: list[dict]) -> None:
     categories = sorted({r["category"] for r in rows})
-    rules = [rule for rule in RULES if any(r["rule"] == rule for r in rows)]
+    rules = sorted({label(r) for r in rows}, key=lambda name: (RULES.index(name.split()[0]), name))
     for k in sorted({r["shots"] for r in rows}):
         value = {}
         for c in categories:
             for rule in rules:
-                cells = [r for r in rows if r["category"] == c and r["shots"] == k and r["rule"] == rule]
+                cells = [r for r in rows if r["category"] == c and r["shots"] == k and label(r) == rule]
                 value[(c, rule)] = [100 * float(np.mean([r[m] for r in cells]))
                                     for m in ("image_auroc", "pixel_auroc", "aupro")]
         print(f"\n{k} shot(s), batches of {BATCH}: image AUROC / pixel AUROC / AUPRO (%, mean over seeds)")

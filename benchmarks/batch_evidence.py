@@ -27,9 +27,10 @@ ones, and every good image in a batch of good ones plus that many defective imag
         --seeds 0 1 2 --cache runs/feature_cache --out runs/batch_evidence.json
     python benchmarks/batch_evidence.py --rows runs/batch_evidence.json runs/batch_evidence_gen.json
 
-The self-match's k: one run per `--self-k` (`--rules semantic mean_self`), their rows reported together
-with `--rows`; a self rule is labelled with its k (`mean_self k8`), so the leave-one-category-out
-choice is among the k values.
+The self-match's k: `--self-k 1 2 4 8 --rules semantic mean_self` scores each self rule once per k
+(one fit and kNN pass per cell serve them all); a self rule is labelled with its k (`mean_self
+k8`, also across runs reported together with `--rows`), so the leave-one-category-out choice is
+among the k values.
 """
 
 from __future__ import annotations
@@ -89,7 +90,7 @@ def batch_mutual(feats: torch.Tensor, labels: np.ndarray, rng: np.random.Generat
 
 
 def collect(data: Path, shots: list[int], seeds: list[int], cache: Path, defect_share: float | None,
-            rules: list[str], categories: list[str] | None, self_k: int) -> list[dict]:
+            rules: list[str], categories: list[str] | None, self_ks: list[int]) -> list[dict]:
     rows = []
     for category in scan_dataset(data):
         if categories and category.name not in categories:
@@ -100,7 +101,7 @@ def collect(data: Path, shots: list[int], seeds: list[int], cache: Path, defect_
         tests = load_test_set(category, probe.eval_grid(), print)
         feats = test_features(probe, tests, cache, category.name)
         grid, n = probe.eval_grid(), len(tests.labels)
-        own = self_match_distances(feats, self_k) if SELF_RULES & set(rules) else None
+        owns = {j: self_match_distances(feats, j) for j in self_ks} if SELF_RULES & set(rules) else {}
         for seed in seeds:
             mutual = batch_mutual(feats, tests.labels, np.random.default_rng(seed), defect_share) \
                 if BATCH_RULES & set(rules) else None
@@ -108,17 +109,18 @@ def collect(data: Path, shots: list[int], seeds: list[int], cache: Path, defect_
                 train = [s.path for s in sample_shots(category.train, k, seed, "random")]
                 det = Detector("semantic", aspect_ratio=aspect, seed=seed, self_match=0).fit(train)
                 fewshot = torch.cat([det.experts["semantic"].distances(feats[i:i + 32]) for i in range(0, n, 32)])
-                patch = {"semantic": lambda: fewshot, "mutual": lambda: mutual,
-                         "min": lambda: torch.minimum(fewshot, mutual), "mean": lambda: (fewshot + mutual) / 2,
-                         "self": lambda: own, "min_self": lambda: torch.minimum(fewshot, own),
-                         "mean_self": lambda: self_discount(fewshot, own)}
-                for rule in rules:
-                    raw = patch[rule]()
+                patch = {"semantic": lambda own: fewshot, "mutual": lambda own: mutual,
+                         "min": lambda own: torch.minimum(fewshot, mutual), "mean": lambda own: (fewshot + mutual) / 2,
+                         "self": lambda own: own, "min_self": lambda own: torch.minimum(fewshot, own),
+                         "mean_self": lambda own: self_discount(fewshot, own)}
+                # each self rule once per k (one fit and one kNN pass serve every k)
+                for rule, self_k in [(r, j) for r in rules for j in (self_ks if r in SELF_RULES else [None])]:
+                    raw = patch[rule](owns.get(self_k))
                     maps = to_eval_grid(raw, grid, det.config.blur_sigma)
                     scores = image_scores(maps, "top1").numpy()
                     metrics = tests.metrics(scores, maps.numpy())
                     rows.append({"category": category.name, "shots": k, "seed": seed, "rule": rule,
-                                 **({"self_k": self_k} if rule in SELF_RULES else {}),
+                                 **({"self_k": self_k} if self_k is not None else {}),
                                  **{m: metrics[m] for m in ("image_auroc", "pixel_auroc", "aupro")}})
                 print(category.name, k, seed, flush=True)
     return rows
@@ -167,8 +169,9 @@ def main() -> None:
                         help="compose batches with this share of defective images (default: random batches)")
     parser.add_argument("--rules", nargs="+", choices=RULES, default=list(RULES))
     parser.add_argument("--categories", nargs="+", default=None, help="default: every category")
-    parser.add_argument("--self-k", type=int, default=DetectorConfig().self_match,
-                        help="the self rules' k-th nearest patch (default: the detector's self_match)")
+    parser.add_argument("--self-k", type=int, nargs="+", default=[DetectorConfig().self_match],
+                        help="the self rules' k-th nearest patch, one or more values compared as rules "
+                             "(default: the detector's self_match)")
     parser.add_argument("--rows", type=Path, nargs="+", help="report on these recorded runs together")
     args = parser.parse_args()
     if args.rows:

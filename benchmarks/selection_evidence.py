@@ -188,13 +188,15 @@ def report(rows: list[dict[str, Any]], recorded: str = "current") -> None:
     def mean(name: str, category: str, shots: int, measure: int = 0) -> float:
         return 100 * float(np.mean([f[measure] for f in results[(name, category, shots)]]))
     for k in shot_counts:
-        print(f"\n{k} shot(s): image AUROC per category, mean image / pixel AUROC / AUPRO (%, mean over seeds)")
+        print(f"\n{k} shot(s): image AUROC per category (mean over seeds), mean image AUROC of the categories "
+              f"(mean ± std over seeds) / pixel AUROC / AUPRO (%)")
         print("| rule | " + " | ".join(categories) + " | mean |")
         print("|---|" + "---|" * (len(categories) + 1))
         for name in names:
             means = [np.mean([mean(name, c, k, m) for c in categories]) for m in range(3)]
+            per_seed = 100 * np.mean([[f[0] for f in results[(name, c, k)]] for c in categories], axis=0)
             print(f"| {name} | " + " | ".join(f"{mean(name, c, k):.1f}" for c in categories)
-                  + " | " + " / ".join(f"{x:.1f}" for x in means) + " |")
+                  + f" | {means[0]:.1f} ± {per_seed.std():.1f} / {means[1]:.1f} / {means[2]:.1f} |")
     def held_out(family: str, scope: list[int]) -> dict[str, str]:
         chosen = held_out_best(categories, FAMILIES[family],
                                lambda c, name: np.mean([mean(name, c, k) for k in scope]))

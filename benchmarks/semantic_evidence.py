@@ -222,7 +222,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--per-type", type=int, default=40, help="max test images per defect type")
     parser.add_argument("--sets", default="7;6,7,8", help="block sets, e.g. '7;6,7,8'")
-    parser.add_argument("--grids", nargs="+", choices=("category", "image", "resampled", "short_side", "test_image"), default=["category"])
+    parser.add_argument("--grids", nargs="+", choices=("category", "image", "resampled", "short_side", "test_image"),
+                        default=["test_image"], help="default: the detector's (test images on their own grid)")
     parser.add_argument("--sigma", type=float, default=DetectorConfig().blur_sigma,
                         help="smoothing of the maps (default: the detector's)")
     parser.add_argument("--categories", nargs="+", help="only these categories (default: all)")

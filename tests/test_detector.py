@@ -1,3 +1,5 @@
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -35,7 +37,8 @@ def test_verdicts_and_masks_follow_the_defect(fake_backbones, parts):
 
 
 def test_single_shot_uses_views_for_normalisation(fake_backbones, parts):
-    det = Detector("fusion_add", **FAST).fit(parts["train"][:1])
+    with pytest.warns(UserWarning, match="one good image.*calibrate"):
+        det = Detector("fusion_add", **FAST).fit(parts["train"][:1])
     assert det.threshold is not None
     scores = [p.score for p in det.predict(parts["test"])]
     assert image_auroc(parts["labels"], scores) >= 0.75
@@ -45,6 +48,9 @@ def test_manual_threshold_override(fake_backbones, parts):
     det = Detector("semantic", threshold=1e9, pixel_threshold=1e9, **FAST).fit(parts["train"])
     assert det.threshold == 1e9
     assert not any(p.is_anomalous or p.mask.any() for p in det.predict(parts["test"]))
+    with warnings.catch_warnings():  # a threshold the user set needs no warning about one shot
+        warnings.simplefilter("error")
+        Detector("semantic", threshold=1.0, **FAST).fit(parts["train"][:1])
 
 
 def test_auto_selects_with_a_report(fake_backbones, parts):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -144,6 +145,12 @@ def main() -> None:
       1  done, but some inputs or cells failed (each one is named in a row or a line)
       2  stopped: a usage error, a bad input or a filesystem error (one line names it)
     """
+    warnings.formatwarning = _one_line_warning
+
+
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    """A warning reads as one line to the user of the command, not as a source location."""
+    return f"warning: {message}\n"
 
 
 @main.command()

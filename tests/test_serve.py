@@ -364,6 +364,7 @@ def test_fit_job_creates_a_model_then_delete(client, images, models_dir):
     assert r.status_code == 202 and r.headers["Location"] == r.json()["url"]
     job = _finished(client, r.json()["job"])
     assert job["status"] == "done" and job["progress"] == 100 and job["model"]["shots"] == 4
+    assert job["warnings"] == []
     assert (models_dir / "line-2.safetensors").is_file()
     assert not [p for p in models_dir.iterdir() if p.name.startswith(".")]  # no temp file left behind
     assert "line-2" in [m["name"] for m in client.get("/models").json()["models"]]
@@ -372,6 +373,12 @@ def test_fit_job_creates_a_model_then_delete(client, images, models_dir):
     assert client.delete("/models/line-2").json() == {"deleted": "line-2"}
     assert client.get("/models/line-2").status_code == 404
     assert client.delete("/models/line-2").status_code == 404
+
+
+def test_a_one_shot_fit_job_carries_the_threshold_warning(client, images):
+    job = _finished(client, _fit(client, images, "single", shots="1").json()["job"])
+    assert job["status"] == "done" and job["model"]["shots"] == 1
+    assert len(job["warnings"]) == 1 and "one good image" in job["warnings"][0]
 
 
 def test_fit_refusals_and_a_failed_job(client, images):

@@ -65,7 +65,8 @@ OFFLINE_VIT_LAYERS = (7,)
 # holds the rate without losing most defects (benchmarks/threshold_models.py, README "Verdicts").
 ONE_SHOT_THRESHOLD_WARNING = ("fitted on one good image: its verdict threshold comes from views of that one "
                               "part and flags many new good parts (17% at a 1% target on the development "
-                              "categories); calibrate() on more good images, or set threshold")
+                              "categories); calibrate it on more good images (astfad calibrate, "
+                              "Detector.calibrate) or set a threshold")
 
 ImageInput = str | os.PathLike | Image.Image | np.ndarray
 
@@ -157,6 +158,7 @@ class Detector:
         self.selection_terms: dict[str, dict[str, np.ndarray]] | None = None
         self.adapter_stats: dict[str, float] = {}
         self.fit_seconds: float = 0.0
+        self.fit_warnings: list[str] = []  # what the last fit warned about (the service shows them)
 
     # ---------------------------------------------------------------- features
     def featurizer(self, family: str) -> Featurizer:
@@ -317,8 +319,9 @@ class Detector:
                 self.experts[spec.name] = self._fitted(spec, normal, references)
         self._move_banks()
         self._fit_thresholds(normal_maps, normal_scores)
-        if len(arrays) == 1 and cfg.threshold is None:
-            warnings.warn(ONE_SHOT_THRESHOLD_WARNING, UserWarning, stacklevel=2)
+        self.fit_warnings = [ONE_SHOT_THRESHOLD_WARNING] if len(arrays) == 1 and cfg.threshold is None else []
+        for message in self.fit_warnings:
+            warnings.warn(message, UserWarning, stacklevel=2)
         self.fit_seconds = time.perf_counter() - start
         return self
 

@@ -39,6 +39,7 @@ class FitJob:
     progress: float = 0.0
     error: str | None = None
     skipped: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # the fit's own (e.g. one good image only)
     model: dict[str, Any] | None = None
     created: float = field(default_factory=time.time)
     finished: float | None = None
@@ -128,6 +129,7 @@ class FitJobs:
                 arrays, keys = [arrays[i] for i in chosen], [keys[i] for i in chosen]
             self._stage(job, "fitting")
             det = Detector(job.strategy, **{**self.fit_config, "seed": job.seed}).fit(arrays, keys)
+            job.warnings = list(det.fit_warnings)
             self._stage(job, "saving")
             det.save(self.store.path(job.name))
             job.model = self.store.summary(job.name)

@@ -113,6 +113,7 @@ async function followJob(url) {
     for (const skipped of job.skipped.splice(0)) say(`skipped: ${skipped}`, true);
     if (job.status === "done") {
       say(`model '${job.name}' is ready (${job.model.strategy})`);
+      for (const warning of job.warnings) say(`warning: ${warning}`, true);
       $("#fit-stage").textContent = "done";
       await loadModels(job.name);
       return;

@@ -142,7 +142,8 @@ class DetectorConfig:
     # self-match: a semantic patch distance gives up half its excess over the distance to the patch's
     # k-th look-alike elsewhere on the same image (farther than SELF_RADIUS patches): a structure the
     # shots lack but the part itself repeats (a pad, a thread, its texture) is normal, a defect is
-    # usually unique on its part. 0: off. k = 4: leave-one-category-out, README "Self-match"
+    # usually unique on its part. 0: off. k = 4 kept against k = 1 by leave-one-category-out over the
+    # ten development categories (k = 1 helps pcb alone, held out -0.15), README "Self-match"
     self_match: int = 4
     # subspace expert: fraction of the normal tokens' variance its principal subspace keeps
     subspace_variance: float = 0.99

@@ -27,10 +27,10 @@ import torch
 from scipy import stats
 
 from astfad.benchmark import category_aspect
+from astfad.config import experts_of
 from astfad.data.datasets import sample_shots, scan_dataset
 from astfad.data.images import load_image
 from astfad.detector import Detector
-from astfad.config import experts_of
 from cached_rows import cached_rows, recorded_rows
 
 

@@ -145,7 +145,10 @@ def main() -> None:
       1  done, but some inputs or cells failed (each one is named in a row or a line)
       2  stopped: a usage error, a bad input or a filesystem error (one line names it)
     """
+    # for this command only: restored when it ends, so a host process (a test's CliRunner) keeps its own
+    default_format = warnings.formatwarning
     warnings.formatwarning = _one_line_warning
+    click.get_current_context().call_on_close(lambda: setattr(warnings, "formatwarning", default_format))
 
 
 def _one_line_warning(message, category, filename, lineno, line=None) -> str:

@@ -14,7 +14,10 @@ category and its mean image / pixel AUROC / AUPRO, the fixed experts and the per
 and the leave-one-category-out choice of the rule (best mean image AUROC on the other categories,
 over every shot count and at each shot count alone) with its held-out mean: the tuning protocol of
 benchmarks/README.md. The `current` rule must reproduce the recorded choices (checked) when the
-records were made under today's rule; `--recorded-rule` names the rule they were made under.
+records were made under today's rule; `--recorded-rule` names the rule they were made under (and a
+record names the image-score policy it was made under; records without one validated the rule at
+every shot count). The `current` rule's experts are also replayed under each image-score policy
+of IMAGE_SCORE_POLICIES (`current, <policy>`), chosen by leave-one-category-out among themselves.
 
     OMP_NUM_THREADS=1 python benchmarks/selection_evidence.py --data ../shared/data --shots 1 4 16 \
         --seeds 0 1 2 --out runs/selection_real.json
@@ -68,7 +71,7 @@ def collect(data: Path, shots: list[int], seeds: list[int], partial: Path) -> li
                                   **{rule: image_auroc(tests.labels, image_scores(maps, rule).numpy())
                                      for rule in MAP_SCORE_RULES}}
                 rows.append({"category": category.name, "shots": k, "seed": seed, "choice": det.strategy,
-                             "image_score": det.image_score, "test": test,
+                             "image_score": det.image_score, "image_score_policy": TODAY, "test": test,
                              "terms": {n: {key: v.tolist() for key, v in term.items()}
                                        for n, term in det.selection_terms.items()}})
                 partial.parent.mkdir(parents=True, exist_ok=True)
@@ -137,6 +140,15 @@ def pixel_with_separation_veto(terms: Terms, seed: int, shots: int) -> str:
     return DEFAULT_STRATEGY if best_separation(terms[choice]) < best_separation(terms[DEFAULT_STRATEGY]) else choice
 
 
+ImageScorePolicy = Callable[[dict[str, np.ndarray], int], str]  # (chosen expert's term, shots) -> rule
+TODAY, VALIDATED = "validated up to FEW_SHOTS shots, then the maximum", "validated at every shot count"
+IMAGE_SCORE_POLICIES: dict[str, ImageScorePolicy] = {
+    TODAY: lambda term, shots: choose_image_score(term, "top1", shots)["choice"],
+    VALIDATED: lambda term, shots: choose_image_score(term, "top1")["choice"],  # records without a policy
+    "top1 always": lambda term, shots: "top1",
+    "max always": lambda term, shots: "max"}
+
+
 MARGINS = (0.01, 0.02, 0.03, 0.04, 0.05, 0.06, 0.08, 0.1)
 RULES: dict[str, Rule] = {"current": current, "separation": by_separation,
                           "separation, bootstrap": by_separation_bootstrap,
@@ -146,14 +158,16 @@ RULES: dict[str, Rule] = {"current": current, "separation": by_separation,
                           **{f"pixel, mean gain > {m:g}": with_min_gain(m) for m in MARGINS}}
 # the options leave-one-category-out chooses among ("current" is itself a choice per shot count)
 FAMILIES = {"every rule": [name for name in RULES if name != "current"],
-            "minimum mean gain": ["pixel, no minimum gain", *(f"pixel, mean gain > {m:g}" for m in MARGINS)]}
+            "minimum mean gain": ["pixel, no minimum gain", *(f"pixel, mean gain > {m:g}" for m in MARGINS)],
+            "image-score policy": [f"current, {policy}" for policy in IMAGE_SCORE_POLICIES]}
 
 
 def replay(rows: list[dict[str, Any]], rules: dict[str, Rule], recorded: str = "current"
            ) -> dict[tuple[str, str, int], list[tuple]]:
     """{(rule, category, shots): [(image AUROC, pixel AUROC, AUPRO) per seed]}, each rule's expert
-    scored with the image-score rule `auto` validates on it; the fixed experts (top-1% mean) under
-    `<expert>` and their per-category oracle under `oracle`."""
+    scored with the image-score rule today's `auto` takes on it, and the `current` rule's expert
+    under every policy of IMAGE_SCORE_POLICIES (`current, <policy>`); the fixed experts (top-1%
+    mean) under `<expert>` and their per-category oracle under `oracle`."""
     out: dict[tuple[str, str, int], list[tuple]] = {}
     for row in rows:
         terms = {n: {k: np.asarray(v, float) for k, v in t.items()} for n, t in row["terms"].items()}
@@ -163,11 +177,15 @@ def replay(rows: list[dict[str, Any]], rules: dict[str, Rule], recorded: str = "
             return test[expert][rule], test[expert]["pixel_auroc"], test[expert]["aupro"]
         for name, rule in rules.items():
             expert = rule(terms, row["seed"], row["shots"])
-            score = choose_image_score(terms[expert], "top1")["choice"]
-            if name == recorded and (expert, score) != (row["choice"], row["image_score"]):
+            out.setdefault((name, *key), []).append(
+                figures(expert, IMAGE_SCORE_POLICIES[TODAY](terms[expert], row["shots"])))
+            recorded_score = IMAGE_SCORE_POLICIES[row.get("image_score_policy", VALIDATED)](terms[expert], row["shots"])
+            if name == recorded and (expert, recorded_score) != (row["choice"], row["image_score"]):
                 raise SystemExit(f"the rule '{recorded}' does not reproduce {key} seed {row['seed']}: "
-                                 f"{expert}/{score} against {row['choice']}/{row['image_score']}")
-            out.setdefault((name, *key), []).append(figures(expert, score))
+                                 f"{expert}/{recorded_score} against {row['choice']}/{row['image_score']}")
+        expert = current(terms, row["seed"], row["shots"])
+        for policy, choose in IMAGE_SCORE_POLICIES.items():
+            out.setdefault((f"current, {policy}", *key), []).append(figures(expert, choose(terms[expert], row["shots"])))
         for expert in test:
             out.setdefault((expert, *key), []).append(figures(expert, "top1"))
     experts = list(rows[0]["test"])
@@ -183,7 +201,7 @@ def report(rows: list[dict[str, Any]], recorded: str = "current") -> None:
     # categories recorded at every shot count (a run still in progress lacks some)
     categories = sorted(c for c in {r["category"] for r in rows}
                         if all((c, k) in {(r["category"], r["shots"]) for r in rows} for k in shot_counts))
-    names = [*RULES, *rows[0]["test"], "oracle"]
+    names = [*RULES, *FAMILIES["image-score policy"], *rows[0]["test"], "oracle"]
 
     def mean(name: str, category: str, shots: int, measure: int = 0) -> float:
         return 100 * float(np.mean([f[measure] for f in results[(name, category, shots)]]))

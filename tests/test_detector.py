@@ -96,7 +96,7 @@ def test_auto_validates_the_image_score_rule_and_scores_with_it(fake_backbones, 
     # whichever rule auto takes, its thresholds come from normal scores under that rule, and a
     # saved model (its config carrying the rule) scores with it after loading
     monkeypatch.setattr("astfad.detector.choose_image_score",
-                        lambda evidence, default: {"choice": "max", "reason": "forced", "separation": {}})
+                        lambda evidence, default, shots: {"choice": "max", "reason": "forced", "separation": {}})
     forced = Detector("auto", **FAST).fit(parts["train"])
     fixed = Detector(forced.strategy, image_score="max", **FAST).fit(parts["train"])
     assert forced.image_score == "max" and forced.threshold == fixed.threshold

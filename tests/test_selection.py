@@ -3,6 +3,7 @@ import json
 import numpy as np
 import pytest
 
+from astfad.config import FEW_SHOTS
 from astfad.data.synthetic import ANOMALY_KINDS
 from astfad.selection import (MIN_GAIN, ONE_SHOT_MIN_GAIN, PAPER_PRESET, Evidence, SelectionReport, choose_image_score, choose_strategy,
                               load_pinned, min_gain, pixel_fractions, pinned_strategy, rule_scores, separation,
@@ -151,6 +152,15 @@ def test_image_score_rule_follows_the_separation_of_the_validation():
     assert choose_image_score(rule_scores(same), "max")["choice"] == "max"
     with pytest.raises(ValueError, match="reweight"):
         choose_image_score(rule_scores(spots), "reweight")
+
+
+def test_image_score_is_the_maximum_above_few_shots_whatever_the_validation_says():
+    rng = np.random.default_rng(0)
+    patches = rule_scores(Evidence(np.zeros(8), _maps_with(rng, 8), np.zeros(24), _maps_with(rng, 24, patch=2.5)))
+    assert choose_image_score(patches, "top1", FEW_SHOTS)["choice"] == "top1"  # validated up to FEW_SHOTS
+    above = choose_image_score(patches, "top1", FEW_SHOTS + 1)
+    assert above["choice"] == "max" and f"above {FEW_SHOTS} shots" in above["reason"]
+    assert above["separation"]["top1"] > above["separation"]["max"]  # still reported
 
 
 def test_separation_is_in_units_of_the_normal_spread_and_survives_constant_scores():

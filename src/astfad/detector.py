@@ -490,7 +490,8 @@ class Detector:
         report = choose_strategy(self.selection_terms, DEFAULT_STRATEGY, cfg.seed, notes, validation,
                                  min_gain=min_gain(len(self.shots)))
         if cfg.auto_image_score and cfg.image_score in MAP_SCORE_RULES:
-            report.image_score = choose_image_score(self.selection_terms[report.choice], cfg.image_score)
+            report.image_score = choose_image_score(self.selection_terms[report.choice], cfg.image_score,
+                                                     len(self.shots))
             self.image_score = report.image_score["choice"]
         return report
 

@@ -39,7 +39,7 @@ from astfad.data.datasets import sample_shots, scan_dataset
 from astfad.detector import Detector
 from astfad.metrics import image_auroc
 from astfad.scoring import image_scores
-from astfad.selection import (BOOTSTRAP_RESAMPLES, DEFAULT_STRATEGY, FAMILY_ERROR, MAP_SCORE_RULES,
+from astfad.selection import (BOOTSTRAP_RESAMPLES, DEFAULT_STRATEGY, FAMILY_ERROR, MAP_SCORE_RULES, MAX_SCORE_ABOVE,
                               choose_image_score, choose_strategy, min_gain, separation)
 from cached_rows import cached_rows, recorded_rows
 from protocol import held_out_best, probe_test_set, strided_metrics
@@ -141,10 +141,11 @@ def pixel_with_separation_veto(terms: Terms, seed: int, shots: int) -> str:
 
 
 ImageScorePolicy = Callable[[dict[str, np.ndarray], int], str]  # (chosen expert's term, shots) -> rule
-TODAY, VALIDATED = "validated up to FEW_SHOTS shots, then the maximum", "validated at every shot count"
+TODAY, VALIDATED = f"validated up to {MAX_SCORE_ABOVE} shots, then the maximum", "validated at every shot count"
 IMAGE_SCORE_POLICIES: dict[str, ImageScorePolicy] = {
     TODAY: lambda term, shots: choose_image_score(term, "top1", shots)["choice"],
     VALIDATED: lambda term, shots: choose_image_score(term, "top1")["choice"],  # records without a policy
+    "validated up to 4 shots, then the maximum": lambda term, shots: choose_image_score(term, "top1", shots, 4)["choice"],
     "top1 always": lambda term, shots: "top1",
     "max always": lambda term, shots: "max"}
 
@@ -159,7 +160,8 @@ RULES: dict[str, Rule] = {"current": current, "separation": by_separation,
 # the options leave-one-category-out chooses among ("current" is itself a choice per shot count)
 FAMILIES = {"every rule": [name for name in RULES if name != "current"],
             "minimum mean gain": ["pixel, no minimum gain", *(f"pixel, mean gain > {m:g}" for m in MARGINS)],
-            "image-score policy": [f"current, {policy}" for policy in IMAGE_SCORE_POLICIES]}
+            # where the maximum takes over (the fixed rules are printed for reference only)
+            "image-score policy": [f"current, {policy}" for policy in IMAGE_SCORE_POLICIES if "always" not in policy]}
 
 
 def replay(rows: list[dict[str, Any]], rules: dict[str, Rule], recorded: str = "current"
@@ -201,7 +203,7 @@ def report(rows: list[dict[str, Any]], recorded: str = "current") -> None:
     # categories recorded at every shot count (a run still in progress lacks some)
     categories = sorted(c for c in {r["category"] for r in rows}
                         if all((c, k) in {(r["category"], r["shots"]) for r in rows} for k in shot_counts))
-    names = [*RULES, *FAMILIES["image-score policy"], *rows[0]["test"], "oracle"]
+    names = [*RULES, *(f"current, {policy}" for policy in IMAGE_SCORE_POLICIES), *rows[0]["test"], "oracle"]
 
     def mean(name: str, category: str, shots: int, measure: int = 0) -> float:
         return 100 * float(np.mean([f[measure] for f in results[(name, category, shots)]]))

@@ -118,9 +118,9 @@ class DetectorConfig:
     seed: int = 0
     auto_experts: tuple[str, ...] = AUTO_EXPERTS
     auto_fusions: bool = False  # also validate the fusions of each pair of auto_experts
-    # auto also chooses the image-score rule: up to FEW_SHOTS shots the one of top1 / max that its
+    # auto also chooses the image-score rule: up to 8 shots the one of top1 / max that its
     # validation prefers (image_score unless the other separates further), above them max
-    # (selection.choose_image_score); off: image_score as given
+    # (selection.choose_image_score, MAX_SCORE_ABOVE); off: image_score as given
     auto_image_score: bool = True
     device: str = "auto"
     # how backbones run: "torch", "onnxruntime" or "auto" (the fastest measured at no accuracy loss)

@@ -14,10 +14,10 @@ category and its mean image / pixel AUROC / AUPRO, the fixed experts and the per
 and the leave-one-category-out choice of the rule (best mean image AUROC on the other categories,
 over every shot count and at each shot count alone) with its held-out mean: the tuning protocol of
 benchmarks/README.md. The `current` rule must reproduce the recorded choices (checked) when the
-records were made under today's rule; `--recorded-rule` names the rule they were made under (and a
-record names the image-score policy it was made under; records without one validated the rule at
-every shot count). The `current` rule's experts are also replayed under each image-score policy
-of IMAGE_SCORE_POLICIES (`current, <policy>`), chosen by leave-one-category-out among themselves.
+records were made under today's rule; `--recorded-rule` names the rule they were made under. The
+`current` rule's experts are also replayed under each image-score policy of IMAGE_SCORE_POLICIES
+(`current, <policy>`: validated, or the maximum above 4 or 8 shots as `auto_max_score_above` sets
+it), chosen by leave-one-category-out among themselves.
 
     OMP_NUM_THREADS=1 python benchmarks/selection_evidence.py --data ../shared/data --shots 1 4 16 \
         --seeds 0 1 2 --out runs/selection_real.json
@@ -39,7 +39,7 @@ from astfad.data.datasets import sample_shots, scan_dataset
 from astfad.detector import Detector
 from astfad.metrics import image_auroc
 from astfad.scoring import image_scores
-from astfad.selection import (BOOTSTRAP_RESAMPLES, DEFAULT_STRATEGY, FAMILY_ERROR, MAP_SCORE_RULES, MAX_SCORE_ABOVE,
+from astfad.selection import (BOOTSTRAP_RESAMPLES, DEFAULT_STRATEGY, FAMILY_ERROR, MAP_SCORE_RULES,
                               choose_image_score, choose_strategy, min_gain, separation)
 from cached_rows import cached_rows, recorded_rows
 from protocol import held_out_best, probe_test_set, strided_metrics
@@ -71,7 +71,7 @@ def collect(data: Path, shots: list[int], seeds: list[int], partial: Path) -> li
                                   **{rule: image_auroc(tests.labels, image_scores(maps, rule).numpy())
                                      for rule in MAP_SCORE_RULES}}
                 rows.append({"category": category.name, "shots": k, "seed": seed, "choice": det.strategy,
-                             "image_score": det.image_score, "image_score_policy": TODAY, "test": test,
+                             "image_score": det.image_score, "test": test,
                              "terms": {n: {key: v.tolist() for key, v in term.items()}
                                        for n, term in det.selection_terms.items()}})
                 partial.parent.mkdir(parents=True, exist_ok=True)
@@ -141,11 +141,11 @@ def pixel_with_separation_veto(terms: Terms, seed: int, shots: int) -> str:
 
 
 ImageScorePolicy = Callable[[dict[str, np.ndarray], int], str]  # (chosen expert's term, shots) -> rule
-TODAY, VALIDATED = f"validated up to {MAX_SCORE_ABOVE} shots, then the maximum", "validated at every shot count"
+TODAY = "validated at every shot count"
 IMAGE_SCORE_POLICIES: dict[str, ImageScorePolicy] = {
     TODAY: lambda term, shots: choose_image_score(term, "top1", shots)["choice"],
-    VALIDATED: lambda term, shots: choose_image_score(term, "top1")["choice"],  # records without a policy
-    "validated up to 4 shots, then the maximum": lambda term, shots: choose_image_score(term, "top1", shots, 4)["choice"],
+    **{f"validated up to {bound} shots, then the maximum (auto_max_score_above {bound})":
+       (lambda term, shots, bound=bound: choose_image_score(term, "top1", shots, bound)["choice"]) for bound in (4, 8)},
     "top1 always": lambda term, shots: "top1",
     "max always": lambda term, shots: "max"}
 
@@ -179,12 +179,11 @@ def replay(rows: list[dict[str, Any]], rules: dict[str, Rule], recorded: str = "
             return test[expert][rule], test[expert]["pixel_auroc"], test[expert]["aupro"]
         for name, rule in rules.items():
             expert = rule(terms, row["seed"], row["shots"])
-            out.setdefault((name, *key), []).append(
-                figures(expert, IMAGE_SCORE_POLICIES[TODAY](terms[expert], row["shots"])))
-            recorded_score = IMAGE_SCORE_POLICIES[row.get("image_score_policy", VALIDATED)](terms[expert], row["shots"])
-            if name == recorded and (expert, recorded_score) != (row["choice"], row["image_score"]):
+            score = IMAGE_SCORE_POLICIES[TODAY](terms[expert], row["shots"])
+            if name == recorded and (expert, score) != (row["choice"], row["image_score"]):
                 raise SystemExit(f"the rule '{recorded}' does not reproduce {key} seed {row['seed']}: "
-                                 f"{expert}/{recorded_score} against {row['choice']}/{row['image_score']}")
+                                 f"{expert}/{score} against {row['choice']}/{row['image_score']}")
+            out.setdefault((name, *key), []).append(figures(expert, score))
         expert = current(terms, row["seed"], row["shots"])
         for policy, choose in IMAGE_SCORE_POLICIES.items():
             out.setdefault((f"current, {policy}", *key), []).append(figures(expert, choose(terms[expert], row["shots"])))

@@ -209,7 +209,7 @@ def test_cells_do_not_depend_on_the_cells_run_before(fake_backbones, dataset, tm
 def test_what_auto_validates_never_changes_a_fixed_strategys_row(fake_backbones, dataset, tmp_path, monkeypatch):
     """auto has a detector of its own: the image-score rule it validates applies to its row only."""
     monkeypatch.setattr("astfad.detector.choose_image_score",
-                        lambda evidence, default, shots: {"choice": "max", "reason": "forced", "separation": {}})
+                        lambda evidence, default, shots, max_above: {"choice": "max", "reason": "forced", "separation": {}})
     searched = []  # the test set's maps per expert: auto's detector reuses those of equal experts
     original = Detector.expert_maps
     monkeypatch.setattr(Detector, "expert_maps", lambda self, feats, exclude=None, experts=None, **kw: (

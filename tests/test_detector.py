@@ -90,13 +90,17 @@ def test_auto_validates_the_image_score_rule_and_scores_with_it(fake_backbones, 
     det = Detector("auto", **FAST).fit(parts["train"])
     assert det.selection["image_score"]["choice"] == det.image_score
     assert set(det.selection["image_score"]["separation"]) == {"top1", "max"}
+    above = Detector("auto", auto_max_score_above=1, **FAST).fit(parts["train"])
+    assert above.image_score == "max" and "auto_max_score_above" in above.selection["image_score"]["reason"]
+    with pytest.raises(ValueError, match="auto_max_score_above"):
+        Detector("auto", auto_max_score_above=-1)
     off = Detector("auto", auto_image_score=False, image_score="max", **FAST).fit(parts["train"])
     assert off.image_score == "max" and off.selection["image_score"] == {}
     assert Detector("semantic", **FAST).fit(parts["train"]).image_score == "top1"  # fixed: no validation
     # whichever rule auto takes, its thresholds come from normal scores under that rule, and a
     # saved model (its config carrying the rule) scores with it after loading
     monkeypatch.setattr("astfad.detector.choose_image_score",
-                        lambda evidence, default, shots: {"choice": "max", "reason": "forced", "separation": {}})
+                        lambda evidence, default, shots, max_above: {"choice": "max", "reason": "forced", "separation": {}})
     forced = Detector("auto", **FAST).fit(parts["train"])
     fixed = Detector(forced.strategy, image_score="max", **FAST).fit(parts["train"])
     assert forced.image_score == "max" and forced.threshold == fixed.threshold

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from astfad.data.synthetic import ANOMALY_KINDS
-from astfad.selection import (MAX_SCORE_ABOVE, MIN_GAIN, ONE_SHOT_MIN_GAIN, PAPER_PRESET, Evidence, SelectionReport, choose_image_score, choose_strategy,
+from astfad.selection import (MIN_GAIN, ONE_SHOT_MIN_GAIN, PAPER_PRESET, Evidence, SelectionReport, choose_image_score, choose_strategy,
                               load_pinned, min_gain, pixel_fractions, pinned_strategy, rule_scores, separation,
                               synthetic_anomalies, validation_terms)
 
@@ -153,12 +153,13 @@ def test_image_score_rule_follows_the_separation_of_the_validation():
         choose_image_score(rule_scores(spots), "reweight")
 
 
-def test_image_score_is_the_maximum_above_max_score_above_shots_whatever_the_validation_says():
+def test_image_score_is_the_maximum_above_max_above_shots_whatever_the_validation_says():
     rng = np.random.default_rng(0)
     patches = rule_scores(Evidence(np.zeros(8), _maps_with(rng, 8), np.zeros(24), _maps_with(rng, 24, patch=2.5)))
-    assert choose_image_score(patches, "top1", MAX_SCORE_ABOVE)["choice"] == "top1"  # validated up to the bound
-    above = choose_image_score(patches, "top1", MAX_SCORE_ABOVE + 1)
-    assert above["choice"] == "max" and f"above {MAX_SCORE_ABOVE} shots" in above["reason"]
+    assert choose_image_score(patches, "top1", 16)["choice"] == "top1"  # by default validated at any shot count
+    assert choose_image_score(patches, "top1", 8, max_above=8)["choice"] == "top1"  # validated up to the bound
+    above = choose_image_score(patches, "top1", 9, max_above=8)
+    assert above["choice"] == "max" and "above 8 shots" in above["reason"]
     assert above["separation"]["top1"] > above["separation"]["max"]  # still reported
 
 

@@ -118,10 +118,12 @@ class DetectorConfig:
     seed: int = 0
     auto_experts: tuple[str, ...] = AUTO_EXPERTS
     auto_fusions: bool = False  # also validate the fusions of each pair of auto_experts
-    # auto also chooses the image-score rule: up to 8 shots the one of top1 / max that its
-    # validation prefers (image_score unless the other separates further), above them max
-    # (selection.choose_image_score, MAX_SCORE_ABOVE); off: image_score as given
+    # auto also validates the image-score rule (image_score, or the other of top1 / max) on its
+    # chosen candidate (selection.choose_image_score); off: image_score as given
     auto_image_score: bool = True
+    # with auto_image_score, the map's maximum without validation when fitted on more than this many
+    # images: better ranking at 16 shots, but the fitted thresholds lose recall on it (README)
+    auto_max_score_above: int | None = None
     device: str = "auto"
     # how backbones run: "torch", "onnxruntime" or "auto" (the fastest measured at no accuracy loss)
     runtime: str = "torch"
@@ -212,6 +214,10 @@ class DetectorConfig:
         for name in ("auto_fusions", "auto_image_score"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if self.auto_max_score_above is not None and (isinstance(self.auto_max_score_above, bool) or not isinstance(
+                self.auto_max_score_above, int) or self.auto_max_score_above < 0):
+            raise ValueError(f"auto_max_score_above must be a whole number >= 0 or null (never), "
+                             f"got {self.auto_max_score_above!r}")
         if self.test_flip is not None and not isinstance(self.test_flip, bool):
             raise ValueError(f"test_flip must be true, false or null (on above {FEW_SHOTS} shots), "
                              f"got {self.test_flip!r}")

@@ -491,7 +491,7 @@ class Detector:
                                  min_gain=min_gain(len(self.shots)))
         if cfg.auto_image_score and cfg.image_score in MAP_SCORE_RULES:
             report.image_score = choose_image_score(self.selection_terms[report.choice], cfg.image_score,
-                                                     len(self.shots))
+                                                     len(self.shots), cfg.auto_max_score_above)
             self.image_score = report.image_score["choice"]
         return report
 

@@ -177,14 +177,15 @@ def replay(rows: list[dict[str, Any]], rules: dict[str, Rule], recorded: str = "
 
         def figures(expert: str, rule: str) -> tuple[float, float, float]:
             return test[expert][rule], test[expert]["pixel_auroc"], test[expert]["aupro"]
+        chosen = {}
         for name, rule in rules.items():
-            expert = rule(terms, row["seed"], row["shots"])
+            expert = chosen[name] = rule(terms, row["seed"], row["shots"])
             score = IMAGE_SCORE_POLICIES[TODAY](terms[expert], row["shots"])
             if name == recorded and (expert, score) != (row["choice"], row["image_score"]):
                 raise SystemExit(f"the rule '{recorded}' does not reproduce {key} seed {row['seed']}: "
                                  f"{expert}/{score} against {row['choice']}/{row['image_score']}")
             out.setdefault((name, *key), []).append(figures(expert, score))
-        expert = current(terms, row["seed"], row["shots"])
+        expert = chosen["current"] if "current" in chosen else current(terms, row["seed"], row["shots"])
         for policy, choose in IMAGE_SCORE_POLICIES.items():
             out.setdefault((f"current, {policy}", *key), []).append(figures(expert, choose(terms[expert], row["shots"])))
         for expert in test:

@@ -214,14 +214,13 @@ class DetectorConfig:
         for name in ("auto_fusions", "auto_image_score"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
-        if self.auto_max_score_above is not None and (isinstance(self.auto_max_score_above, bool) or not isinstance(
-                self.auto_max_score_above, int) or self.auto_max_score_above < 0):
+        if self.auto_max_score_above is not None and not _whole_at_least(self.auto_max_score_above, 0):
             raise ValueError(f"auto_max_score_above must be a whole number >= 0 or null (never), "
                              f"got {self.auto_max_score_above!r}")
         if self.test_flip is not None and not isinstance(self.test_flip, bool):
             raise ValueError(f"test_flip must be true, false or null (on above {FEW_SHOTS} shots), "
                              f"got {self.test_flip!r}")
-        if isinstance(self.self_match, bool) or not isinstance(self.self_match, int) or self.self_match < 0:
+        if not _whole_at_least(self.self_match, 0):
             raise ValueError(f"self_match must be a whole number >= 0 (0: off), got {self.self_match!r}")
         if self.test_grid not in TEST_GRIDS:
             raise ValueError(f"test_grid must be one of {TEST_GRIDS}, got '{self.test_grid}'")
@@ -248,6 +247,11 @@ class DetectorConfig:
         if unknown:
             raise ValueError(f"unknown config keys: {', '.join(unknown)}")
         return cls(**data)
+
+
+def _whole_at_least(value: Any, minimum: int) -> bool:
+    """An int, not a bool, of at least `minimum` (settings arrive typed from YAML and JSON)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
 
 
 def grid_for(size: int, aspect: float, multiple: int) -> tuple[int, int]:

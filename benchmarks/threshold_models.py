@@ -14,7 +14,11 @@ Nothing here is tuned on the category a figure is reported for.
     python benchmarks/threshold_models.py --rows runs/thresholds.json runs/thresholds_gen.json
 
 The default strategies are `auto`'s candidates (semantic, subspace), each expert fitted once per
-cell (`Detector.fit(also=...)`).
+cell (`Detector.fit(also=...)`). Each strategy's normal and test maps are scored under every
+image-score rule of `--image-scores` (default the top-1% mean and the maximum, the two `auto`
+chooses between), and each rule's models are compared on their own: a threshold fitted to the
+maximum's normal scores may need another widening than the top-1% mean's. Rows recorded before
+the rules were recorded are the top-1% mean's.
 """
 
 from __future__ import annotations
@@ -31,10 +35,13 @@ from astfad.config import experts_of
 from astfad.data.datasets import sample_shots, scan_dataset
 from astfad.data.images import load_image
 from astfad.detector import Detector
+from astfad.scoring import image_scores
+from astfad.selection import MAP_SCORE_RULES
 from cached_rows import cached_rows, recorded_rows
 
 
-def collect(data: Path, shots: list[int], seeds: list[int], max_test: int, strategies: list[str]) -> list[dict]:
+def collect(data: Path, shots: list[int], seeds: list[int], max_test: int, strategies: list[str],
+            rules: list[str]) -> list[dict]:
     rows = []
     for category in scan_dataset(data):
         good = [s for s in category.test if not s.label]
@@ -54,16 +61,19 @@ def collect(data: Path, shots: list[int], seeds: list[int], max_test: int, strat
                 original = det._fit_thresholds
 
                 def spy(normal_maps, normal_scores, original=original):
-                    captured.update({n: s.tolist() for n, s in normal_scores.items()})
+                    captured.update({(n, rule): image_scores(det.combine(n, normal_maps), rule).tolist()
+                                     for n in strategies for rule in rules})
                     return original(normal_maps, normal_scores)
 
                 det._fit_thresholds = spy
                 det.fit([s.path for s in train], also=sorted({e for s in strategies for e in experts_of(s)}))
-                feats, maps = det.maps_of(images, keys, "all")
+                _, maps = det.maps_of(images, keys, "all")
                 for strategy in strategies:
-                    scores = det.scores(strategy, det.combine(strategy, maps), feats.get("texture"))
-                    rows.append({"category": category.name, "shots": k, "seed": seed, "strategy": strategy,
-                                 "normal": captured[strategy], "test": scores.tolist(), "labels": labels})
+                    for rule in rules:
+                        scores = image_scores(det.combine(strategy, maps), rule)
+                        rows.append({"category": category.name, "shots": k, "seed": seed, "strategy": strategy,
+                                     "rule": rule, "normal": captured[(strategy, rule)], "test": scores.tolist(),
+                                     "labels": labels})
                 print(category.name, k, seed, flush=True)
     return rows
 
@@ -113,8 +123,9 @@ def choose(table: dict, others: list[str], fpr: float, tolerance: float) -> str:
 
 def evaluate(rows: list[dict], fpr: float, tolerance: float) -> None:
     for shots in sorted({r["shots"] for r in rows}):
-        print(f"\n## {shots} shot(s)")
-        evaluate_shots([r for r in rows if r["shots"] == shots], fpr, tolerance)
+        for rule in sorted({r.get("rule", "top1") for r in rows}):
+            print(f"\n## {shots} shot(s), image score {rule}")
+            evaluate_shots([r for r in rows if r["shots"] == shots and r.get("rule", "top1") == rule], fpr, tolerance)
 
 
 def evaluate_shots(rows: list[dict], fpr: float, tolerance: float) -> None:
@@ -161,11 +172,13 @@ def main() -> None:
     parser.add_argument("--tolerance", type=float, default=0.02,
                         help="how far above the target a model's mean FPR may be to be chosen (default 0.02)")
     parser.add_argument("--strategies", nargs="+", default=["semantic", "subspace"])
+    parser.add_argument("--image-scores", nargs="+", default=list(MAP_SCORE_RULES), choices=MAP_SCORE_RULES)
     parser.add_argument("--out", type=Path, default=Path("runs/thresholds.json"))
     parser.add_argument("--rows", type=Path, nargs="+", help="report on these recorded runs together")
     args = parser.parse_args()
     rows = recorded_rows(args.rows) if args.rows else cached_rows(
-        args.out, lambda: collect(args.data, args.shots, args.seeds, args.max_test, args.strategies))
+        args.out, lambda: collect(args.data, args.shots, args.seeds, args.max_test, args.strategies,
+                                                args.image_scores))
     evaluate(rows, args.fpr, args.tolerance)
 
 

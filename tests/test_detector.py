@@ -255,8 +255,32 @@ def test_calibrate_refits_thresholds_on_extra_good_images(fake_backbones, parts)
     assert det.config.target_fpr == 0.05 and det.threshold == det.threshold_for(0.05)
     preds = det.predict(parts["test"])
     assert sum(p.is_anomalous for p in preds[4:]) >= 3 and sum(p.is_anomalous for p in preds[:4]) <= 1
-    with pytest.raises(ValueError, match="two good images"):
+    with pytest.raises(ValueError, match="at least 2 good images"):
         det.calibrate(parts["train"][:1])
+
+
+def test_unlabelled_calibration_is_robust_to_a_few_defective_parts(fake_backbones, parts):
+    """Fitted on one shot, calibrated on 9 unsorted parts of which one is defective: the robust fit
+    lands near the one on the 8 good parts alone, while a plain (labelled) fit on the same 9 is
+    dragged up by the defective part; the banks and the normalisers stay the shots'."""
+    good = parts["train"][1:] + parts["test"][:1]
+    mixed = good + parts["test"][4:5]
+    thresholds = {}
+    for name, images, unlabelled in (("robust, good only", good, True), ("robust, mixed", mixed, True),
+                                     ("plain, mixed", mixed, False)):
+        with pytest.warns(UserWarning, match="one good image"):
+            det = Detector("semantic", **FAST).fit(parts["train"][:1])
+        normalisers = {k: v.to_list() for k, v in det.normalisers.items()}
+        det.calibrate(images, unlabelled=unlabelled)
+        thresholds[name] = det.threshold
+        if unlabelled:
+            assert {k: v.to_list() for k, v in det.normalisers.items()} == normalisers
+    clean, robust, plain = thresholds["robust, good only"], thresholds["robust, mixed"], thresholds["plain, mixed"]
+    assert abs(robust - clean) < 0.5 * abs(plain - clean)
+    scores = [p.score for p in det.predict(parts["test"])]
+    assert sum(s > robust for s in scores[4:]) >= 3
+    with pytest.raises(ValueError, match="at least 8 unlabelled images, got 7"):
+        det.calibrate(mixed[:7], unlabelled=True)
 
 
 def test_reweighted_scores_share_one_scale_with_their_threshold(fake_backbones, parts):

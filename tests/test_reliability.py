@@ -560,6 +560,27 @@ def test_calibrate_writes_a_new_model_and_never_overwrites_the_old_one(fakes, mo
     assert Detector.load(out).threshold == 1.5
 
 
+def test_calibrate_on_unlabelled_images_refits_only_the_thresholds(fakes, model, tmp_path):
+    images = tmp_path / "line"
+    write_images(images, 9, seed=8)  # every third part defective: 3 of 9
+    runner = CliRunner()
+    out = tmp_path / "unlabelled.safetensors"
+    result = runner.invoke(main, ["calibrate", str(model), "--unlabelled", str(images), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "9 unlabelled (mostly good) image(s)" in result.output
+    before, after = Detector.load(model), Detector.load(out)
+    assert after.threshold != before.threshold
+    assert {k: v.to_list() for k, v in after.normalisers.items()} == \
+        {k: v.to_list() for k, v in before.normalisers.items()}
+    for args in ([], ["--normal", str(images), "--unlabelled", str(images)]):
+        result = runner.invoke(main, ["calibrate", str(model), *args, "--out", str(tmp_path / "x.safetensors")])
+        assert result.exit_code == 2 and "either --normal or --unlabelled" in result.output
+    few = tmp_path / "few"
+    write_images(few, 5, seed=9)
+    result = runner.invoke(main, ["calibrate", str(model), "--unlabelled", str(few), "--out", str(tmp_path / "y.safetensors")])
+    assert result.exit_code != 0 and "at least 8 unlabelled images, got 5" in result.output
+
+
 # ---------------------------------------------------------------------------- fuzz
 
 def encoded_images() -> list[bytes]:

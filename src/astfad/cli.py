@@ -464,8 +464,11 @@ def visualize(model: Path, images: tuple[str, ...], out: Path, masks: Path | Non
 
 @main.command()
 @click.argument("model", type=click.Path(path_type=Path))
-@click.option("--normal", multiple=True, required=True,
+@click.option("--normal", multiple=True,
               help="Good images to calibrate on: a folder, a glob or files (repeatable; at least two).")
+@click.option("--unlabelled", multiple=True,
+              help="Instead of --normal: unsorted images of which most are good (at least 8); only the "
+                   "thresholds are refitted, robustly, so a few defective parts among them move them little.")
 @click.option("--fpr", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,
               help="Target rate of good parts called anomalous (default: the model's).")
 @click.option("--pixel-fpr", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,
@@ -474,24 +477,28 @@ def visualize(model: Path, images: tuple[str, ...], out: Path, masks: Path | Non
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="The calibrated model file to write.")
 @click.option("--force", is_flag=True, help="Replace an existing --out (needed when --out is MODEL).")
 @_with_weights_options
-def calibrate(model: Path, normal: tuple[str, ...], fpr: float | None, pixel_fpr: float | None,
-              threshold: float | None, out: Path, force: bool, texture_weights: str | None,
-              semantic_weights: str | None) -> None:
-    """Refit a model's normalisers and thresholds on more good images; saves a new model file."""
+def calibrate(model: Path, normal: tuple[str, ...], unlabelled: tuple[str, ...], fpr: float | None,
+              pixel_fpr: float | None, threshold: float | None, out: Path, force: bool,
+              texture_weights: str | None, semantic_weights: str | None) -> None:
+    """Refit a model's normalisers and thresholds on more good images (or its thresholds on
+    mostly good unlabelled ones); saves a new model file."""
     import math
 
     from astfad.detector import Detector
 
+    if bool(normal) == bool(unlabelled):
+        raise click.UsageError("give the images to calibrate on with either --normal or --unlabelled")
     if threshold is not None and not math.isfinite(threshold):
         raise click.BadParameter(f"must be a finite number, got {threshold}", param_hint="--threshold")
     _check_out_file(out, force)
     det = Detector.load(model, texture_weights=texture_weights, semantic_weights=semantic_weights)
-    images = _readable_images(normal)
-    det.calibrate(images, target_fpr=fpr, pixel_target_fpr=pixel_fpr)
+    images = _readable_images(normal or unlabelled)
+    det.calibrate(images, target_fpr=fpr, pixel_target_fpr=pixel_fpr, unlabelled=bool(unlabelled))
     if threshold is not None:
         det.config.threshold = det.threshold = threshold
     det.save(out, overwrite=force, keep_candidates=True)  # keeps every expert MODEL held
-    click.echo(f"calibrated on {len(images)} good image(s): image threshold {det.threshold:.4g}, "
+    kind = "unlabelled (mostly good)" if unlabelled else "good"
+    click.echo(f"calibrated on {len(images)} {kind} image(s): image threshold {det.threshold:.4g}, "
                f"pixel threshold {det.pixel_threshold:.4g} -> {out}")
 
 

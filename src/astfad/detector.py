@@ -65,8 +65,9 @@ OFFLINE_VIT_LAYERS = (7,)
 # holds the rate without losing most defects (benchmarks/threshold_models.py, README "Verdicts").
 ONE_SHOT_THRESHOLD_WARNING = ("fitted on one good image: its verdict threshold comes from views of that one "
                               "part and flags many new good parts (17% at a 1% target on the development "
-                              "categories); calibrate it on more good images (astfad calibrate, "
-                              "Detector.calibrate) or set a threshold")
+                              "categories); calibrate it on more good images, or on 8 or more unsorted "
+                              "ones of which most are good (astfad calibrate --normal | --unlabelled, "
+                              "Detector.calibrate), or set a threshold")
 
 ImageInput = str | os.PathLike | Image.Image | np.ndarray
 
@@ -499,13 +500,17 @@ class Detector:
         if self.device.type != "cpu":
             self.experts = {name: expert.to(self.device) for name, expert in self.experts.items()}
 
-    def _fit_thresholds(self, normal_maps: dict[str, torch.Tensor], normal_scores: dict[str, torch.Tensor]) -> None:
-        """A threshold model per strategy from its normal scores and maps; the applied strategy's
-        thresholds at the configured false-positive rates (or the manual overrides)."""
+    def _fit_thresholds(self, normal_maps: dict[str, torch.Tensor], normal_scores: dict[str, torch.Tensor],
+                        robust: bool = False) -> None:
+        """A threshold model per strategy from its normal scores and maps (`robust`: parts of which
+        a few may be defective, ThresholdModel.fit_robust; the normalisers are then kept); the
+        applied strategy's thresholds at the configured false-positive rates (or the manual overrides)."""
         cfg = self.config
-        self.threshold_models = {name: ThresholdModel.fit(scores, self.combine(name, normal_maps), cfg.seed)
+        fit = ThresholdModel.fit_robust if robust else ThresholdModel.fit
+        self.threshold_models = {name: fit(scores, self.combine(name, normal_maps), cfg.seed)
                                  for name, scores in normal_scores.items()}
-        self.normalisers["applied"] = Normaliser.fit(self.combine(self.strategy, normal_maps), cfg.normaliser)
+        if not robust:
+            self.normalisers["applied"] = Normaliser.fit(self.combine(self.strategy, normal_maps), cfg.normaliser)
         self.threshold = self.threshold_for()
         self.pixel_threshold = self.pixel_threshold_for()
 
@@ -531,23 +536,29 @@ class Detector:
         return self.threshold_models[strategy]
 
     def calibrate(self, images: Sequence[ImageInput], target_fpr: float | None = None,
-                  pixel_target_fpr: float | None = None) -> "Detector":
+                  pixel_target_fpr: float | None = None, unlabelled: bool = False) -> "Detector":
         """Refit the normalisers and thresholds on extra good images, scored against the full banks
-        (which stay as they are): for users with more good images than shots."""
+        (which stay as they are): for users with more good images than shots. `unlabelled`: images
+        of which most, not all, are good (a day's production nobody sorted; at least MIN_BATCH):
+        only the thresholds are refitted, robustly (ThresholdModel.fit_robust), so that a minority of
+        defective parts among them moves them little; the normalisers stay the shots'."""
         if self.strategy is None:
             raise RuntimeError("the detector is not fitted; call fit() or Detector.load()")
         arrays, keys = self.load_images(images)
-        if len(arrays) < 2:
-            raise ValueError("calibrate needs at least two good images")
+        least = MIN_BATCH if unlabelled else 2
+        if len(arrays) < least:
+            raise ValueError(f"calibrate needs at least {least} {'unlabelled' if unlabelled else 'good'} images, "
+                             f"got {len(arrays)}")
         feats, maps = self.maps_of(arrays, keys, "all")
-        self.normalisers = {name: Normaliser.fit(m, self.config.normaliser) for name, m in maps.items()}
+        if not unlabelled:
+            self.normalisers = {name: Normaliser.fit(m, self.config.normaliser) for name, m in maps.items()}
         strategies = (*candidate_strategies(maps), self.strategy)
         scores = {c: self.scores(c, self.combine(c, maps), feats.get("texture")) for c in dict.fromkeys(strategies)}
         if target_fpr is not None:
             self.config.target_fpr = target_fpr
         if pixel_target_fpr is not None:
             self.config.pixel_target_fpr = pixel_target_fpr
-        self._fit_thresholds(maps, scores)
+        self._fit_thresholds(maps, scores, robust=unlabelled)
         return self
 
     # ---------------------------------------------------------------- scoring

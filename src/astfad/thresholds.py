@@ -14,7 +14,8 @@ the "0.99 quantile" says nothing about 1% of future good parts. Here:
   - pixel values: a generalised Pareto tail (peaks over the 95th percentile) fitted to the normal
     maps' pixels, which extrapolates to per-pixel rates that a few images cannot show directly.
 Both models are a few numbers, saved with the detector, so any target rate can be asked for later
-(`Detector.threshold_for`) without refitting.
+(`Detector.threshold_for`) without refitting. Parts that may hold a few defective ones (a zero-shot
+batch, an unlabelled calibration set) get the robust variant (`ThresholdModel.fit_robust`).
 """
 
 from __future__ import annotations
@@ -123,9 +124,22 @@ class ThresholdModel:
     def fit(cls, scores: torch.Tensor, maps: torch.Tensor, seed: int = 0) -> "ThresholdModel":
         return cls(ScoreModel.fit(scores), TailModel.fit(maps.flatten().double().numpy(), seed))
 
+    @classmethod
+    def fit_robust(cls, scores: torch.Tensor, maps: torch.Tensor, seed: int = 0) -> "ThresholdModel":
+        """From parts of which a minority may be defective: the image model from the scores' median
+        and MAD, the pixel tail from the maps of the more normal half (`typical_maps`)."""
+        return cls(ScoreModel.fit_robust(scores),
+                   TailModel.fit(typical_maps(maps, scores).flatten().double().numpy(), seed))
+
     def to_dict(self) -> dict[str, dict[str, float]]:
         return {"image": asdict(self.image), "pixel": asdict(self.pixel)}
 
     @classmethod
     def from_dict(cls, data: dict[str, dict[str, float]]) -> "ThresholdModel":
         return cls(ScoreModel(**data["image"]), TailModel(**data["pixel"]))
+
+
+def typical_maps(maps: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+    """The maps of the images scoring at most the median: the more normal half of a set that may
+    hold a few defective parts, whose pixels model the normal tail."""
+    return maps[scores <= torch.quantile(scores, 0.5)]

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from astfad.config import DetectorConfig
 from astfad.experts.base import flatten_patches
 from astfad.scoring import image_scores, to_eval_grid
-from astfad.thresholds import ScoreModel, TailModel
+from astfad.thresholds import ThresholdModel, typical_maps
 
 MIN_BATCH = 8
 MIN_NEIGHBOURS = 3
@@ -96,9 +96,8 @@ def score_batch(feats: torch.Tensor, grid: tuple[int, int], config: DetectorConf
     batch", which holds while defects are rare in it."""
     maps = to_eval_grid(mutual_distances(feats, fraction), grid, config.blur_sigma)
     scores = image_scores(maps, "max" if config.image_score == "max" else "top1")
-    typical = maps[scores <= torch.quantile(scores, 0.5)]
-    threshold = config.threshold if config.threshold is not None else \
-        ScoreModel.fit_robust(scores).threshold(config.target_fpr)
+    model = ThresholdModel.fit_robust(scores, maps, config.seed)
+    threshold = config.threshold if config.threshold is not None else model.image.threshold(config.target_fpr)
     pixel_threshold = config.pixel_threshold if config.pixel_threshold is not None else \
-        TailModel.fit(typical.flatten().numpy(), config.seed).threshold(config.pixel_target_fpr)
-    return BatchScores(maps, scores, float(threshold), float(pixel_threshold), typical)
+        model.pixel.threshold(config.pixel_target_fpr)
+    return BatchScores(maps, scores, float(threshold), float(pixel_threshold), typical_maps(maps, scores))

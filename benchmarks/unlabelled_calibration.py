@@ -29,13 +29,14 @@ from pathlib import Path
 import numpy as np
 
 from astfad.experts.mutual import MIN_BATCH
+from astfad import thresholds
 from astfad.thresholds import ScoreModel
 from cached_rows import recorded_rows
 
 METHODS = ("fitted on the shots", "calibrate --normal (good parts only)", "calibrate --unlabelled")
 
 
-def thresholds(row: dict, calibration: np.ndarray, good: np.ndarray, fpr: float) -> dict[str, float]:
+def method_thresholds(row: dict, calibration: np.ndarray, good: np.ndarray, fpr: float) -> dict[str, float]:
     """Each method's image threshold for one cell and calibration set."""
     return {METHODS[0]: ScoreModel.fit(np.asarray(row["normal"])).threshold(fpr),
             METHODS[1]: ScoreModel.fit(calibration[good]).threshold(fpr),
@@ -57,7 +58,7 @@ def replay(rows: list[dict], rate: float, fpr: float, repeats: int) -> dict[tupl
             held_bad = np.setdiff1d(bads, cal_bad)
             calibration = np.concatenate([scores[cal_good], scores[cal_bad]])
             is_good = np.arange(len(calibration)) < len(cal_good)
-            for method, t in thresholds(row, calibration, is_good, fpr).items():
+            for method, t in method_thresholds(row, calibration, is_good, fpr).items():
                 out.setdefault((row["category"], method), []).append(
                     (float(np.mean(scores[held_good] > t)), float(np.mean(scores[held_bad] > t))))
     return out
@@ -70,7 +71,10 @@ def main() -> None:
     parser.add_argument("--fpr", type=float, default=0.01)
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--rule", default="top1", help="the rows' image-score rule to replay (default top1)")
+    parser.add_argument("--widening", type=float, default=thresholds.TAIL_WIDENING,
+                        help="the image tail's widening factor to replay every method with (default the library's)")
     args = parser.parse_args()
+    thresholds.TAIL_WIDENING = args.widening
     rows = [r for r in recorded_rows(args.rows) if r.get("rule", "top1") == args.rule]
     few = sorted({r["category"] for r in rows if (len(r["labels"]) - sum(r["labels"])) // 2 < MIN_BATCH})
     if few:

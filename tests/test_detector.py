@@ -259,6 +259,24 @@ def test_calibrate_refits_thresholds_on_extra_good_images(fake_backbones, parts)
         det.calibrate(parts["train"][:1])
 
 
+def test_robust_pixel_tail_keeps_the_good_parts_upper_tail_and_drops_the_flagged_ones():
+    """Of 19 good maps and one with a defect, the unflagged images' pixel tail is the 19 good ones'
+    (the defect flagged and left out), while the more normal half loses the good parts' own upper
+    tail and sets the pixel threshold lower."""
+    from astfad.thresholds import ThresholdModel, TailModel
+
+    rng = np.random.default_rng(0)
+    good = torch.from_numpy(rng.gamma(2.0, 1.0, (19, 32, 32)) * rng.uniform(0.8, 1.2, (19, 1, 1)))
+    defect = good[0].clone()
+    defect[8:16, 8:16] += 20.0
+    maps = torch.cat([good, defect[None]])
+    scores = maps.flatten(1).topk(10, dim=1).values.mean(dim=1)
+    clean = TailModel.fit(good.flatten().numpy()).threshold(0.001)
+    unflagged = ThresholdModel.fit_robust(scores, maps, image_fpr=0.01).pixel.threshold(0.001)
+    half = ThresholdModel.fit_robust(scores, maps).pixel.threshold(0.001)
+    assert abs(unflagged - clean) < 0.05 * clean and half < unflagged
+
+
 def test_unlabelled_calibration_is_robust_to_a_few_defective_parts(fake_backbones, parts):
     """Fitted on one shot, calibrated on 9 unsorted parts of which one is defective: the robust fit
     lands near the one on the 8 good parts alone, while a plain (labelled) fit on the same 9 is

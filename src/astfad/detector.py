@@ -506,8 +506,12 @@ class Detector:
         a few may be defective, ThresholdModel.fit_robust; the normalisers are then kept); the
         applied strategy's thresholds at the configured false-positive rates (or the manual overrides)."""
         cfg = self.config
-        fit = ThresholdModel.fit_robust if robust else ThresholdModel.fit
-        self.threshold_models = {name: fit(scores, self.combine(name, normal_maps), cfg.seed)
+        def fit(scores: torch.Tensor, maps: torch.Tensor) -> ThresholdModel:
+            if robust:
+                return ThresholdModel.fit_robust(scores, maps, cfg.seed, image_fpr=cfg.target_fpr)
+            return ThresholdModel.fit(scores, maps, cfg.seed)
+
+        self.threshold_models = {name: fit(scores, self.combine(name, normal_maps))
                                  for name, scores in normal_scores.items()}
         if not robust:
             self.normalisers["applied"] = Normaliser.fit(self.combine(self.strategy, normal_maps), cfg.normaliser)

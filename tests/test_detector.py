@@ -280,19 +280,23 @@ def test_robust_pixel_tail_keeps_the_good_parts_upper_tail_and_drops_the_flagged
 def test_unlabelled_calibration_is_robust_to_a_few_defective_parts(fake_backbones, parts):
     """Fitted on one shot, calibrated on 9 unsorted parts of which one is defective: the robust fit
     lands near the one on the 8 good parts alone, while a plain (labelled) fit on the same 9 is
-    dragged up by the defective part; the banks and the normalisers stay the shots'."""
+    dragged up by the defective part; the normalisers stay the shots'; the model records the
+    calibration."""
     good = parts["train"][1:] + parts["test"][:1]
     mixed = good + parts["test"][4:5]
-    thresholds = {}
+    thresholds, records = {}, {}
     for name, images, unlabelled in (("robust, good only", good, True), ("robust, mixed", mixed, True),
                                      ("plain, mixed", mixed, False)):
         with pytest.warns(UserWarning, match="one good image"):
             det = Detector("semantic", **FAST).fit(parts["train"][:1])
         normalisers = {k: v.to_list() for k, v in det.normalisers.items()}
         det.calibrate(images, unlabelled=unlabelled)
-        thresholds[name] = det.threshold
+        thresholds[name], records[name] = det.threshold, det.calibration
         if unlabelled:
             assert {k: v.to_list() for k, v in det.normalisers.items()} == normalisers
+    # the robust fit flags the defective part among the nine it was calibrated on; the plain one absorbs it
+    assert records["robust, mixed"] == {"images": 9, "unlabelled": True, "above_threshold": 1}
+    assert records["plain, mixed"] == {"images": 9, "unlabelled": False, "above_threshold": 0}
     clean, robust, plain = thresholds["robust, good only"], thresholds["robust, mixed"], thresholds["plain, mixed"]
     assert abs(robust - clean) < 0.5 * abs(plain - clean)
     scores = [p.score for p in det.predict(parts["test"])]

@@ -569,7 +569,9 @@ def test_calibrate_on_unlabelled_images_refits_only_the_thresholds(fakes, model,
     assert result.exit_code == 0, result.output
     assert "9 unlabelled (mostly good) image(s)" in result.output
     before, after = Detector.load(model), Detector.load(out)
-    assert after.threshold != before.threshold
+    assert after.threshold != before.threshold and before.calibration is None
+    assert after.calibration["images"] == 9 and after.calibration["unlabelled"] is True
+    assert f"{after.calibration['above_threshold']} of them above the calibrated image threshold" in result.output
     assert {k: v.to_list() for k, v in after.normalisers.items()} == \
         {k: v.to_list() for k, v in before.normalisers.items()}
     for args in ([], ["--normal", str(images), "--unlabelled", str(images)]):

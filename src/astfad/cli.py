@@ -498,8 +498,10 @@ def calibrate(model: Path, normal: tuple[str, ...], unlabelled: tuple[str, ...],
         det.config.threshold = det.threshold = threshold
     det.save(out, overwrite=force, keep_candidates=True)  # keeps every expert MODEL held
     kind = "unlabelled (mostly good)" if unlabelled else "good"
-    click.echo(f"calibrated on {len(images)} {kind} image(s): image threshold {det.threshold:.4g}, "
-               f"pixel threshold {det.pixel_threshold:.4g} -> {out}")
+    click.echo(f"calibrated on {len(images)} {kind} image(s), {det.calibration['above_threshold']} of them above "
+               f"the calibrated image threshold {det.threshold_for(det.config.target_fpr):.4g}"
+               + (f" (image threshold set to {det.threshold:.4g})" if threshold is not None else "")
+               + f", pixel threshold {det.pixel_threshold:.4g} -> {out}")
 
 
 def _run_benchmark(spec, executor=None) -> Path:

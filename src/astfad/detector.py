@@ -159,6 +159,9 @@ class Detector:
         self.selection_terms: dict[str, dict[str, np.ndarray]] | None = None
         self.adapter_stats: dict[str, float] = {}
         self.fit_seconds: float = 0.0
+        # how the thresholds were last recalibrated (`calibrate`): {"images", "unlabelled",
+        # "above_threshold"}; None while they are the fit's
+        self.calibration: dict[str, Any] | None = None
         self.fit_warnings: list[str] = []  # what the last fit warned about (the service shows them)
 
     # ---------------------------------------------------------------- features
@@ -268,6 +271,7 @@ class Detector:
         keys = list(keys) if keys is not None else auto_keys
         cfg = self.config
         self.experts, self.normalisers, self.selection, self.adapter_stats = {}, {}, None, {}
+        self.calibration = None
         self.selection_terms = None
         self.threshold_models = {}
         self.image_score = cfg.image_score
@@ -563,6 +567,9 @@ class Detector:
         if pixel_target_fpr is not None:
             self.config.pixel_target_fpr = pixel_target_fpr
         self._fit_thresholds(maps, scores, robust=unlabelled)
+        fitted = self.threshold_for(self.config.target_fpr)  # not a manual threshold: the model's
+        self.calibration = {"images": len(arrays), "unlabelled": unlabelled,
+                            "above_threshold": int((scores[self.strategy] > fitted).sum())}
         return self
 
     # ---------------------------------------------------------------- scoring
@@ -712,7 +719,7 @@ class Detector:
                 "threshold": self.threshold, "pixel_threshold": self.pixel_threshold,
                 "threshold_models": {k: v.to_dict() for k, v in self.threshold_models.items()},
                 "selection": self.selection, "adapter_stats": self.adapter_stats,
-                "fit_seconds": self.fit_seconds}
+                "calibration": self.calibration, "fit_seconds": self.fit_seconds}
 
     def save(self, path: str | os.PathLike, overwrite: bool = False, keep_candidates: bool = False) -> Path:
         """One safetensors file, written atomically: the tensors of the experts the applied
@@ -776,6 +783,7 @@ class Detector:
         for key in ("strategy", "aspect", "shots", "threshold", "pixel_threshold", "fit_seconds"):
             setattr(detector, key, meta.get(key, getattr(detector, key)))
         detector.selection, detector.adapter_stats = meta.get("selection"), meta.get("adapter_stats") or {}
+        detector.calibration = meta.get("calibration")
         detector.threshold_models = {k: ThresholdModel.from_dict(v)
                                      for k, v in (meta.get("threshold_models") or {}).items()}
         detector.normalisers = {k: Normaliser.from_list(v) for k, v in meta["normalisers"].items()}

@@ -188,6 +188,7 @@ def validate(path: Path, meta: Any, tensors: Mapping[str, torch.Tensor], format_
     _check_threshold_models(check, meta)
     check.get(meta, "selection", dict, optional=True)  # the record of a choice: never used to score
     check.get(meta, "adapter_stats", dict, optional=True)
+    check.get(meta, "calibration", dict, optional=True)  # the record of a calibration: never used to score
     if "fit_seconds" in meta:
         check.number(meta["fit_seconds"], "fit_seconds")
     _check_tensors(check, experts, tensors)

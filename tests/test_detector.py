@@ -248,9 +248,17 @@ def test_every_candidate_has_its_own_thresholds(fake_backbones, parts):
 
 
 def test_calibrate_refits_thresholds_on_extra_good_images(fake_backbones, parts):
+    from astfad.thresholds import CALIBRATION_WIDENING, TAIL_WIDENING, ScoreModel
+
     det = Detector("fusion_add", **FAST).fit(parts["train"][:2])
+    assert det.threshold_models["fusion_add"].image.widening == TAIL_WIDENING
     bank = det.experts["semantic"].bank.features.clone()
     det.calibrate(parts["train"][2:], target_fpr=0.05)
+    # new good parts show the spread held-out shots hide: a narrower tail
+    assert {m.image.widening for m in det.threshold_models.values()} == {CALIBRATION_WIDENING}
+    saved = det.threshold_models["fusion_add"].image
+    old = {k: v for k, v in saved.__dict__.items() if k != "widening"}  # a model saved before the field
+    assert ScoreModel(**old).widening == TAIL_WIDENING
     assert torch.equal(det.experts["semantic"].bank.features, bank)
     assert det.config.target_fpr == 0.05 and det.threshold == det.threshold_for(0.05)
     preds = det.predict(parts["test"])

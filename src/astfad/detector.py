@@ -20,7 +20,7 @@ import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -44,7 +44,7 @@ from astfad.scoring import image_scores, mask_to_grid, to_eval_grid, to_image_si
 from astfad.selection import (DEFAULT_STRATEGY, MAP_SCORE_RULES, MAX_ANOMALOUS_IMAGES, MIN_ANOMALOUS_IMAGES,
                               Evidence, SelectionReport, choose_image_score, choose_strategy, labels_to_grid, min_gain,
                               synthetic_anomalies, validation_terms)
-from astfad.thresholds import ThresholdModel
+from astfad.thresholds import CALIBRATION_WIDENING, TAIL_WIDENING, ThresholdModel
 
 FORMAT_VERSION = 2  # 2: threshold models, target false-positive rates
 ROTATION_ANGLES = tuple(range(0, 360, 45))
@@ -505,19 +505,22 @@ class Detector:
             self.experts = {name: expert.to(self.device) for name, expert in self.experts.items()}
 
     def _fit_thresholds(self, normal_maps: dict[str, torch.Tensor], normal_scores: dict[str, torch.Tensor],
-                        robust: bool = False) -> None:
-        """A threshold model per strategy from its normal scores and maps (`robust`: parts of which
-        a few may be defective, ThresholdModel.fit_robust; the normalisers are then kept); the
-        applied strategy's thresholds at the configured false-positive rates (or the manual overrides)."""
+                        source: Literal["shots", "good", "unlabelled"] = "shots") -> None:
+        """A threshold model per strategy from its normal scores and maps: the held-out shots', new
+        good parts' (`calibrate`: a narrower tail, CALIBRATION_WIDENING) or unsorted parts' (robust,
+        ThresholdModel.fit_robust; the normalisers are then kept); the applied strategy's thresholds
+        at the configured false-positive rates (or the manual overrides)."""
         cfg = self.config
+
         def fit(scores: torch.Tensor, maps: torch.Tensor) -> ThresholdModel:
-            if robust:
+            if source == "unlabelled":
                 return ThresholdModel.fit_robust(scores, maps, cfg.seed, image_fpr=cfg.target_fpr)
-            return ThresholdModel.fit(scores, maps, cfg.seed)
+            widening = CALIBRATION_WIDENING if source == "good" else TAIL_WIDENING
+            return ThresholdModel.fit(scores, maps, cfg.seed, widening)
 
         self.threshold_models = {name: fit(scores, self.combine(name, normal_maps))
                                  for name, scores in normal_scores.items()}
-        if not robust:
+        if source != "unlabelled":
             self.normalisers["applied"] = Normaliser.fit(self.combine(self.strategy, normal_maps), cfg.normaliser)
         self.threshold = self.threshold_for()
         self.pixel_threshold = self.pixel_threshold_for()
@@ -566,7 +569,7 @@ class Detector:
             self.config.target_fpr = target_fpr
         if pixel_target_fpr is not None:
             self.config.pixel_target_fpr = pixel_target_fpr
-        self._fit_thresholds(maps, scores, robust=unlabelled)
+        self._fit_thresholds(maps, scores, "unlabelled" if unlabelled else "good")
         fitted = self.threshold_for(self.config.target_fpr)  # not a manual threshold: the model's
         self.calibration = {"images": len(arrays), "unlabelled": unlabelled,
                             "above_threshold": int((scores[self.strategy] > fitted).sum())}

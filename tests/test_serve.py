@@ -108,6 +108,7 @@ def test_health_models_and_details(client):
     assert [m["name"] for m in listed] == ["parts"]
     assert listed[0]["strategy"] == "texture" and listed[0]["shots"] == 6
     assert listed[0]["threshold"] > 0 and listed[0]["pixel_threshold"] > 0 and listed[0]["size_bytes"] > 0
+    assert listed[0]["calibration"] is None  # the thresholds are the fit's
     details = client.get("/models/parts").json()
     assert details["experts"] == ["texture"] and details["selection"] is None
     assert len(details["shot_names"]) == 6 and details["config"]["strategy"] == "texture"

@@ -263,7 +263,7 @@ def create_app(models_dir: str | Path, api_key: str | None = None, *, max_queue:
         return PlainTextResponse(metrics.render(gauges), media_type="text/plain; version=0.0.4")
 
     # ------------------------------------------------------------------ models
-    @app.get("/models", summary="Every model: name, strategy, shots, thresholds, size")
+    @app.get("/models", summary="Every model: name, strategy, shots, thresholds and their calibration, size")
     async def list_models() -> dict[str, Any]:
         names = store.names()
         return {"models": await run_in_threadpool(lambda: [store.summary(n) for n in names])}

@@ -80,7 +80,8 @@ class ModelStore:
                       if p.is_file() and NAME_PATTERN.fullmatch(p.name[:-len(SUFFIX)]))
 
     def summary(self, name: str) -> dict[str, Any]:
-        """What /models lists: strategy, shots, thresholds, size; an unreadable file says why."""
+        """What /models lists: strategy, shots, thresholds and how they were last calibrated
+        (None: the fit's), size; an unreadable file says why."""
         path = self.require(name)
         stat = path.stat()
         out: dict[str, Any] = {"name": name, "size_bytes": stat.st_size,
@@ -92,7 +93,8 @@ class ModelStore:
             return {**out, "error": str(exc)}
         return {**out, "strategy": meta.get("strategy"), "requested_strategy": meta.get("config", {}).get("strategy"),
                 "shots": len(meta.get("shots", [])), "threshold": meta.get("threshold"),
-                "pixel_threshold": meta.get("pixel_threshold"), "fit_seconds": meta.get("fit_seconds"),
+                "pixel_threshold": meta.get("pixel_threshold"), "calibration": meta.get("calibration"),
+                "fit_seconds": meta.get("fit_seconds"),
                 "astfad_version": meta.get("astfad_version")}
 
     def details(self, name: str) -> dict[str, Any]:

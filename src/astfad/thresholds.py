@@ -139,7 +139,7 @@ class ThresholdModel:
         MAD; the pixel tail from the maps of the images that model does not flag at `image_fpr`,
         or, where defects may be common (None: a zero-shot batch), of the more normal half
         (`typical_maps`). The half drops the good parts' own upper tail and so sets the pixel
-        threshold low (1.0% of good pixels flagged at a 0.1% target on magnetic_tile, 0.26% from
+        threshold low (1.0% of good pixels flagged at a 0.1% target on magnetic_tile, 0.20% from
         the unflagged images; README "Calibrating on unsorted parts")."""
         image = ScoreModel.fit_robust(scores)
         if image_fpr is None:

@@ -54,11 +54,12 @@ def main() -> None:
         held_bad = [s.path for s in bad[args.defective:][-args.eval:]]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the one-shot warning is what this measures
-            det = Detector("semantic", seed=0).fit([s.path for s in sample_shots(category.train, 1, 0)])
+            # a feature cache: `calibrate` reads the unsorted parts' features scored just before
+            det = Detector("semantic", seed=0, cache={}).fit([s.path for s in sample_shots(category.train, 1, 0)])
         good_maps, good_scores = det.score_arrays(det.load_images(held_good)[0])
         _, bad_scores = det.score_arrays(det.load_images(held_bad)[0])
         fitted = verdicts(det, good_maps, good_scores, bad_scores, det.pixel_threshold)
-        line_maps, line_scores = det.score_arrays(det.load_images(line)[0])
+        line_maps, line_scores = det.score_arrays(*det.load_images(line))
         det.calibrate(line, unlabelled=True)
         calibrated = verdicts(det, good_maps, good_scores, bad_scores, det.pixel_threshold)
         half = ThresholdModel.fit_robust(line_scores, line_maps, det.config.seed).pixel.threshold(

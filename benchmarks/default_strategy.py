@@ -54,6 +54,8 @@ def main() -> None:
         print(f"| {k} | {100 * held:.1f} | "
               + " | ".join(f"{100 * mean([mean(auroc[(c, k, s)]) for c in categories]):.1f}" for s in fixed) + " |")
 
+    if not any(strategy == "auto" for _, _, strategy in auroc):
+        return
     print("\n| shots | auto | best fixed (which) | oracle | auto - best fixed | auto - oracle |")
     print("|---|---:|---|---:|---:|---:|")
     for k in shots:

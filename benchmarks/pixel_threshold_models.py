@@ -31,7 +31,7 @@ from astfad.data.datasets import sample_shots, scan_dataset
 from astfad.detector import Detector
 from astfad.metrics import verdict_metrics
 from cached_rows import cached_rows, recorded_rows
-from protocol import probe_test_set
+from protocol import lowest_rate_best, probe_test_set
 
 SCALES = (1, 2, 5, 10, 20, 50, 100)
 MEASURES = ("pixel_fpr", "mask_iou", "mask_dice")
@@ -87,8 +87,7 @@ def evaluate(rows: list[dict], target: float) -> None:
         for c in categories:
             others = [o for o in categories if o != c]
             mean = {s: np.mean([table[(o, s)] for o in others], axis=0) for s in SCALES}
-            holding = [s for s in SCALES if mean[s][0] <= 2 * target]
-            chosen = max(holding, key=lambda s: mean[s][1]) if holding else min(SCALES, key=lambda s: mean[s][0])
+            chosen = lowest_rate_best(SCALES, mean.__getitem__, 2 * target)
             held.append(table[(c, chosen)])
             print(f"- {c}: factor {chosen} chosen on the others -> pixel FPR {held[-1][0]:.2%}, "
                   f"IoU {100 * held[-1][1]:.1f}, Dice {100 * held[-1][2]:.1f}")

@@ -27,6 +27,15 @@ def held_out_best(categories: Sequence[str], options: Sequence[T], score: Callab
             for c in categories}
 
 
+def lowest_rate_best(options: Sequence[T], mean: Callable[[T], Sequence[float]], bound: float) -> T:
+    """Among `options` whose mean (rate, gain) has a rate (a false-positive rate) at most `bound`,
+    the one with the highest gain; where none holds, the one with the lowest rate."""
+    holding = [o for o in options if mean(o)[0] <= bound]
+    if holding:
+        return max(holding, key=lambda o: mean(o)[1])
+    return min(options, key=lambda o: mean(o)[0])
+
+
 def probe_test_set(category: Category) -> tuple[float, TestSet, TestSet]:
     """The category's aspect (as the benchmark fixes it), its test set on today's evaluation grid,
     and the same with masks on every PIXEL_STRIDE-th row and column (for `strided_metrics`)."""

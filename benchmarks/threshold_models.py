@@ -6,7 +6,7 @@ per label), then compares score models by leave-one-category-out, at each shot c
 shot's normal evidence is views of a single part, much tighter than new parts): for each category,
 the model chosen on the OTHER categories is applied to it. The rule: the highest mean recall among models
 whose mean false-positive rate on the other categories stays within `--tolerance` of the target
-(the closest to the target when none does). Closest-to-target alone drifts, on a finer grid of
+(the lowest, so the closest to the target, when none does). Closest-to-target alone drifts, on a finer grid of
 widenings, to thresholds so high that nothing is ever flagged.
 Nothing here is tuned on the category a figure is reported for. The table's last row is a bound,
 not a model: the recall at the threshold fitted on the test's own good parts, what the best model
@@ -40,6 +40,7 @@ from astfad.detector import Detector
 from astfad.scoring import image_scores
 from astfad.selection import MAP_SCORE_RULES
 from cached_rows import cached_rows, recorded_rows
+from protocol import lowest_rate_best
 
 
 def collect(data: Path, shots: list[int], seeds: list[int], max_test: int, strategies: list[str],
@@ -127,10 +128,7 @@ def test_fitted(test: np.ndarray, labels: np.ndarray, fpr: float) -> float:
 def choose(table: dict, others: list[str], fpr: float, tolerance: float) -> str:
     """The model of the rule in the module doc, chosen on the categories `others`."""
     mean = {m: np.mean([table[(m, o)] for o in others], axis=0) for m in MODELS}
-    holding = [m for m in MODELS if mean[m][0] <= fpr + tolerance]
-    if holding:
-        return max(holding, key=lambda m: mean[m][1])
-    return min(MODELS, key=lambda m: abs(mean[m][0] - fpr))
+    return lowest_rate_best(MODELS, mean.__getitem__, fpr + tolerance)
 
 
 def evaluate(rows: list[dict], fpr: float, tolerance: float) -> None:

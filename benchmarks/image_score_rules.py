@@ -10,8 +10,10 @@ category a figure is reported for.
 
     OMP_NUM_THREADS=1 python benchmarks/image_score_rules.py --data ../shared/data --shots 1 4 \
         --seeds 0 1 2 --out runs/image_rules.json
+    python benchmarks/image_score_rules.py --rows runs/image_rules.json runs/image_rules_gen.json
 
-Rows are cached in --out (JSON): a rerun only re-evaluates.
+Rows are cached in --out (JSON): a rerun only re-evaluates; `--rows` reports recorded runs together
+(the real and the generated development categories: the protocol's ten).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from astfad.data.datasets import sample_shots, scan_dataset
 from astfad.detector import Detector
 from astfad.metrics import evaluate
 from astfad.scoring import image_scores
-from cached_rows import cached_rows
+from cached_rows import cached_rows, recorded_rows
 from protocol import held_out_best
 
 PEAK_WINDOW = 9  # eval-grid pixels: peaks closer than this are one region
@@ -62,6 +64,8 @@ RULES: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "top1": lambda maps: image_scores(maps, "top1"),
     "max": lambda maps: image_scores(maps, "max"),
     "top0.1": top_fraction(0.001),
+    "top0.3": top_fraction(0.003),
+    "top3": top_fraction(0.03),
     "top5": top_fraction(0.05),
     "peaks3": peaks(3),
     "peaks5": peaks(5),
@@ -123,8 +127,10 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--strategy", default="semantic")
     parser.add_argument("--out", type=Path, default=Path("runs/image_rules.json"))
+    parser.add_argument("--rows", type=Path, nargs="+", help="report on these recorded runs together")
     args = parser.parse_args()
-    rows = cached_rows(args.out, lambda: collect(args.data, args.shots, args.seeds, args.strategy))
+    rows = recorded_rows(args.rows) if args.rows else cached_rows(
+        args.out, lambda: collect(args.data, args.shots, args.seeds, args.strategy))
     report(rows)
 
 

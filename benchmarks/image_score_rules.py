@@ -98,23 +98,25 @@ def collect(data: Path, shots: list[int], seeds: list[int], strategy: str) -> li
 
 
 def report(rows: list[dict]) -> None:
+    """Every rule the rows all hold (rows recorded before a rule was added lack it)."""
     categories = sorted({r["category"] for r in rows})
+    rules = [name for name in RULES if all(name in r["scores"] for r in rows)]
     for k in sorted({r["shots"] for r in rows}):
         auroc: dict[tuple[str, str], float] = {}
         for c in categories:
             cells = [r for r in rows if r["category"] == c and r["shots"] == k]
-            for name in RULES:
+            for name in rules:
                 auroc[(c, name)] = float(np.mean([evaluate(np.asarray(r["labels"]), np.asarray(r["scores"][name]))
                                                   ["image_auroc"] for r in cells]))
         print(f"\n{k} shot(s): image AUROC (%, mean over seeds)")
         print("| rule | " + " | ".join(categories) + " | mean |")
         print("|---|" + "---|" * (len(categories) + 1))
-        for name in RULES:
+        for name in rules:
             values = [auroc[(c, name)] for c in categories]
             print(f"| {name} | " + " | ".join(f"{100 * v:.1f}" for v in values) + f" | {100 * np.mean(values):.1f} |")
         print("leave-one-category-out (rule with the best mean on the other categories):")
         held = []
-        for c, best in held_out_best(categories, RULES, lambda o, n: auroc[(o, n)]).items():
+        for c, best in held_out_best(categories, rules, lambda o, n: auroc[(o, n)]).items():
             held.append(auroc[(c, best)])
             print(f"- {c}: {best} -> {100 * held[-1]:.1f} (top1: {100 * auroc[(c, 'top1')]:.1f})")
         print(f"mean held-out {100 * np.mean(held):.1f} vs top1 {100 * np.mean([auroc[(c, 'top1')] for c in categories]):.1f}")

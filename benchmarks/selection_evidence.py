@@ -16,8 +16,9 @@ over every shot count and at each shot count alone) with its held-out mean: the 
 benchmarks/README.md. The `current` rule must reproduce the recorded choices (checked) when the
 records were made under today's rule; `--recorded-rule` names the rule they were made under. The
 `current` rule's experts are also replayed under each image-score policy of IMAGE_SCORE_POLICIES
-(`current, <policy>`: validated, or the maximum above 4 or 8 shots as `auto_max_score_above` sets
-it), chosen by leave-one-category-out among themselves.
+(`current, <policy>`: validated, validated with a margin the maximum must lead the top-1% mean by
+(in normal spreads, or a bootstrap lower bound above zero), or the maximum above 4 or 8 shots as
+`auto_max_score_above` sets it), chosen by leave-one-category-out among themselves.
 
     OMP_NUM_THREADS=1 python benchmarks/selection_evidence.py --data ../shared/data --shots 1 4 16 \
         --seeds 0 1 2 --out runs/selection_real.json
@@ -142,10 +143,15 @@ def pixel_with_separation_veto(terms: Terms, seed: int, shots: int) -> str:
 
 ImageScorePolicy = Callable[[dict[str, np.ndarray], int], str]  # (chosen expert's term, shots) -> rule
 TODAY = "validated at every shot count"
+SEPARATION_MARGINS = (0.25, 0.5, 1.0, 2.0, 4.0)  # normal spreads by which the maximum must lead the top-1% mean
 IMAGE_SCORE_POLICIES: dict[str, ImageScorePolicy] = {
     TODAY: lambda term, shots: choose_image_score(term, "top1", shots)["choice"],
     **{f"validated up to {bound} shots, then the maximum (auto_max_score_above {bound})":
        (lambda term, shots, bound=bound: choose_image_score(term, "top1", shots, bound)["choice"]) for bound in (4, 8)},
+    **{f"validated, the maximum's separation gain > {m:g}":
+       (lambda term, shots, m=m: choose_image_score(term, "top1", shots, min_gain=m)["choice"]) for m in SEPARATION_MARGINS},
+    "validated, the maximum's bootstrap lower bound > 0":
+        lambda term, shots: choose_image_score(term, "top1", shots, bootstrap=True)["choice"],
     "top1 always": lambda term, shots: "top1",
     "max always": lambda term, shots: "max"}
 
@@ -161,7 +167,11 @@ RULES: dict[str, Rule] = {"current": current, "separation": by_separation,
 FAMILIES = {"every rule": [name for name in RULES if name != "current"],
             "minimum mean gain": ["pixel, no minimum gain", *(f"pixel, mean gain > {m:g}" for m in MARGINS)],
             # where the maximum takes over (the fixed rules are printed for reference only)
-            "image-score policy": [f"current, {policy}" for policy in IMAGE_SCORE_POLICIES if "always" not in policy]}
+            "image-score policy": [f"current, {policy}" for policy in IMAGE_SCORE_POLICIES
+                           if "always" not in policy and "validated," not in policy],
+    # how far the maximum must lead before it replaces the top-1% mean
+    "image-score margin": [f"current, {policy}" for policy in IMAGE_SCORE_POLICIES
+                           if policy == TODAY or "validated," in policy]}
 
 
 def replay(rows: list[dict[str, Any]], rules: dict[str, Rule], recorded: str = "current"

@@ -304,13 +304,29 @@ def separation(normal_scores: np.ndarray, anomalous_scores: np.ndarray) -> float
     return float((np.median(anomalous_scores) - normal.mean()) / spread)
 
 
+def separation_gain_low(term: dict[str, np.ndarray], rule: str, default: str, seed: int = 0) -> float:
+    """The bootstrap's lower bound (FAMILY_ERROR / challengers percentile) of `rule`'s separation
+    minus `default`'s over paired resamples of the normal and the anomalous validation images: how
+    much of a rule's lead survives which images happened to be drawn."""
+    normal, anomalous = len(term[f"normal_{default}"]), len(term[f"anomalous_{default}"])
+    rng = np.random.default_rng(seed)
+    gains = []
+    for _ in range(BOOTSTRAP_RESAMPLES // 4):
+        a, b = rng.integers(0, normal, normal), rng.integers(0, anomalous, anomalous)
+        gains.append(separation(term[f"normal_{rule}"][a], term[f"anomalous_{rule}"][b])
+                     - separation(term[f"normal_{default}"][a], term[f"anomalous_{default}"][b]))
+    return float(np.percentile(gains, FAMILY_ERROR / max(1, len(MAP_SCORE_RULES) - 1)))
+
+
 def choose_image_score(term: dict[str, np.ndarray], default: str, shots: int = 1,
-                       max_above: int | None = None) -> dict[str, Any]:
+                       max_above: int | None = None, min_gain: float = 0.0, bootstrap: bool = False,
+                       seed: int = 0) -> dict[str, Any]:
     """The image-score rule of MAP_SCORE_RULES whose scores (a candidate's `rule_scores`, as in
     its validation term) separate the anomalous validation images furthest from the normal ones
-    (module doc); `default` unless another does strictly better. Fitted on more than `max_above`
-    `shots` (None: never), the map's maximum (module doc). Returns {"choice", "reason",
-    "separation": rule -> separation}."""
+    (module doc); `default` unless another does better by more than `min_gain` (in units of the
+    normal scores' spread) and, with `bootstrap`, with a lower bound above zero
+    (`separation_gain_low`). Fitted on more than `max_above` `shots` (None: never), the map's
+    maximum (module doc). Returns {"choice", "reason", "separation": rule -> separation}."""
     if default not in MAP_SCORE_RULES:
         raise ValueError(f"image-score rule '{default}' is not one of {MAP_SCORE_RULES}")
     values = {rule: separation(term[f"normal_{rule}"], term[f"anomalous_{rule}"]) for rule in MAP_SCORE_RULES}
@@ -318,12 +334,15 @@ def choose_image_score(term: dict[str, np.ndarray], default: str, shots: int = 1
         return {"choice": "max", "separation": values,
                 "reason": f"above {max_above} shots the map's maximum (auto_max_score_above): the validation's "
                           "separation favours the top-1% mean, the development categories' test sets did not"}
-    best = max(values, key=lambda rule: (values[rule], rule == default))
-    if best == default:
-        reason = "the default: no rule separates the validation anomalies further"
-    else:
-        reason = f"separates the validation anomalies further than '{default}'"
-    return {"choice": best, "reason": reason, "separation": values}
+    winners = [rule for rule in MAP_SCORE_RULES if rule != default and values[rule] - values[default] > min_gain
+               and (not bootstrap or separation_gain_low(term, rule, default, seed) > 0)]
+    if not winners:
+        reason = "the default: no rule separates the validation anomalies further" + (
+            " beyond the validation's noise" if bootstrap else "") + (f" by more than {min_gain:g}" if min_gain else "")
+        return {"choice": default, "reason": reason, "separation": values}
+    best = max(winners, key=lambda rule: values[rule])
+    return {"choice": best, "reason": f"separates the validation anomalies further than '{default}'",
+            "separation": values}
 
 
 def load_pinned(spec: str | Path | None) -> dict[str, str]:

@@ -4,7 +4,10 @@ rule; `image`: each image on a grid of the same pixel count at its own aspect, s
 squashed, its map resized to the evaluation grid after; `resampled`: the same features resampled
 to the category's feature grid, the cheap way for a detector whose features share one grid;
 `short_side`: each image at its own aspect with its short side at the size, AnomalyDINO's rule, more
-tokens for an elongated image; `test_image`: the references on the category grid, each test image
+tokens for an elongated image; `native`: each image at its own aspect and one scale for the whole
+category (the size is the side of the median training image's area), so a texture keeps its
+frequency in images of different sizes, where the equal-area grids stretch a small image more than a
+large one; `test_image`: the references on the category grid, each test image
 on its own, what a detector gets by changing only its predict path), and horizontal flips (of the references: more normal variants in
 the bank; of the test image: test-time augmentation, its map averaged with the flipped-back map of
 the mirror image, read as the detector reads it), and the self-match's k (experts/semantic.py;
@@ -38,6 +41,7 @@ import dataclasses
 import functools
 import itertools
 import math
+import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -50,7 +54,7 @@ from astfad.backbones import load_backbone
 from astfad.benchmark import category_aspect, load_test_set
 from astfad.config import DetectorConfig
 from astfad.data.datasets import sample_shots, scan_dataset
-from astfad.data.images import load_image
+from astfad.data.images import image_size, load_image
 from astfad.data.views import rotate
 from astfad.detector import OFFLINE_VIT_LAYERS, reference_angles
 from astfad.experts.semantic import SemanticExpert
@@ -96,17 +100,20 @@ def image_aspect(image: np.ndarray) -> float:
 
 
 def featurize_all(featurize: Callable[[int], Featurizer], size: int, images: list[np.ndarray], aspect: float,
-                  grid: str, mirrored: bool = False) -> list[torch.Tensor]:
+                  grid: str, mirrored: bool = False, median_side: float = 0.0) -> list[torch.Tensor]:
     """(D, h, w) float16 features per image (`mirrored`: of the mirror images, flipped back, as the
     detector's test-time flip reads them): in batches of 8 on the category's grid, or one by one
-    on each image's own grid (`featurize(size)`: the featurizer of an equal-area size)."""
+    on each image's own grid (`featurize(size)`: the featurizer of an equal-area size; `native`:
+    scaled by size / `median_side`, the square root of the median training image's area)."""
     if grid == "category":
         return [f.half() for j in range(0, len(images), 8)
                 for f in featurize(size)(images[j:j + 8], aspect, mirrored=mirrored)]
     out = []
     for image in images:
         a = image_aspect(image)
-        area_size = int(round(size * math.sqrt(max(a, 1 / a)))) if grid == "short_side" else size
+        area_size = (int(round(size * math.sqrt(max(a, 1 / a)))) if grid == "short_side" else
+                     int(round(size * math.sqrt(image.shape[0] * image.shape[1]) / median_side)) if grid == "native"
+                     else size)
         feat = featurize(area_size)([image], a, mirrored=mirrored)
         if grid == "resampled":
             category = featurize(size)
@@ -136,6 +143,8 @@ def collect(data: Path, size: int, grid_rule: str, sigma: float, shots: list[int
             if only and category.name not in only:
                 continue
             aspect = category_aspect(category)
+            median_side = statistics.median(math.sqrt(h * w) for h, w in
+                                            (image_size(s.path) for s in category.train))
             grid = DetectorConfig().eval_grid(aspect)
             tests = load_test_set(category, grid, print)
             keep = subsample(tests.labels, [s.defect_type for s in tests.samples], per_type)
@@ -143,8 +152,10 @@ def collect(data: Path, size: int, grid_rule: str, sigma: float, shots: list[int
                                          keys=[tests.keys[i] for i in keep], masks=tests.masks[keep],
                                          labels=tests.labels[keep], pixel_valid=tests.pixel_valid[keep])
             start = time.perf_counter()
-            plain = featurize_all(featurize, size, [tests.images[i] for i in keep], aspect, grid_rule)
-            mirror = (featurize_all(featurize, size, [tests.images[i] for i in keep], aspect, grid_rule, mirrored=True)
+            plain = featurize_all(featurize, size, [tests.images[i] for i in keep], aspect, grid_rule,
+                                  median_side=median_side)
+            mirror = (featurize_all(featurize, size, [tests.images[i] for i in keep], aspect, grid_rule, mirrored=True,
+                                    median_side=median_side)
                       if True in test_flip_options else None)
             print(f"{category.name}: {len(keep)} test images, {(time.perf_counter() - start) / len(keep) / 2:.2f} "
                   f"s/image at {size}, {grid_rule} grid", flush=True)
@@ -154,7 +165,7 @@ def collect(data: Path, size: int, grid_rule: str, sigma: float, shots: list[int
                 for ref_flips in ref_flip_options:
                     refs, owners = references(images, angles, ref_flips)
                     ref_grid = "category" if grid_rule == "test_image" else grid_rule
-                    ref_feats = featurize_all(featurize, size, refs, aspect, ref_grid)
+                    ref_feats = featurize_all(featurize, size, refs, aspect, ref_grid, median_side=median_side)
                     for layer_set, k_self in itertools.product(sets, self_match):
                         expert = SemanticExpert(self_match=k_self)
                         # every reference patch as one row of a (1, D, 1, P) map: grids may differ
@@ -222,7 +233,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--per-type", type=int, default=40, help="max test images per defect type")
     parser.add_argument("--sets", default="7;6,7,8", help="block sets, e.g. '7;6,7,8'")
-    parser.add_argument("--grids", nargs="+", choices=("category", "image", "resampled", "short_side", "test_image"),
+    parser.add_argument("--grids", nargs="+", choices=("category", "image", "resampled", "short_side", "native", "test_image"),
                         default=["test_image"], help="default: the detector's (test images on their own grid)")
     parser.add_argument("--sigma", type=float, default=DetectorConfig().blur_sigma,
                         help="smoothing of the maps (default: the detector's)")

@@ -6,6 +6,7 @@ import pytest
 from astfad.data.synthetic import ANOMALY_KINDS
 from astfad.selection import (MIN_GAIN, ONE_SHOT_MIN_GAIN, PAPER_PRESET, Evidence, SelectionReport, choose_image_score, choose_strategy,
                               load_pinned, min_gain, pixel_fractions, pinned_strategy, rule_scores, separation,
+                              separation_gain_low,
                               synthetic_anomalies, validation_terms)
 
 
@@ -166,3 +167,20 @@ def test_image_score_is_the_maximum_above_max_above_shots_whatever_the_validatio
 def test_separation_is_in_units_of_the_normal_spread_and_survives_constant_scores():
     assert separation(np.array([1.0, 3.0]), np.array([4.0, 5.0, 100.0])) == pytest.approx(3.0)
     assert np.isfinite(separation(np.ones(4), np.full(3, 2.0)))
+
+
+def test_the_maximum_must_lead_by_the_margin_and_beyond_the_validations_noise():
+    def spots(strength: float) -> dict[str, np.ndarray]:
+        rng = np.random.default_rng(0)
+        return rule_scores(Evidence(np.zeros(4), _maps_with(rng, 4), np.zeros(12), _maps_with(rng, 12, spot=strength)))
+    faint = spots(3.0)  # the maximum leads by about 2 normal spreads, on 4 normal images
+    lead = choose_image_score(faint, "top1")["separation"]
+    assert lead["max"] - lead["top1"] > 1.5
+    assert choose_image_score(faint, "top1", min_gain=1.5)["choice"] == "max"
+    held = choose_image_score(faint, "top1", min_gain=lead["max"] - lead["top1"] + 0.1)
+    assert held["choice"] == "top1" and "by more than" in held["reason"]
+    assert separation_gain_low(faint, "max", "top1") < 0  # which 4 normal images were drawn decides the lead
+    noisy = choose_image_score(faint, "top1", bootstrap=True)
+    assert noisy["choice"] == "top1" and "noise" in noisy["reason"]
+    assert separation_gain_low(spots(5.0), "max", "top1") > 0
+    assert choose_image_score(spots(5.0), "top1", bootstrap=True)["choice"] == "max"

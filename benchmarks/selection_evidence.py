@@ -14,7 +14,8 @@ category and its mean image / pixel AUROC / AUPRO, the fixed experts and the per
 and the leave-one-category-out choice of the rule (best mean image AUROC on the other categories,
 over every shot count and at each shot count alone) with its held-out mean: the tuning protocol of
 benchmarks/README.md. The `current` rule must reproduce the recorded choices (checked) when the
-records were made under today's rule; `--recorded-rule` names the rule they were made under. The
+records were made under today's rule; `--recorded-rule` names the rule they were made under
+(`--recorded-image-score` the image-score policy). The
 `current` rule's experts are also replayed under each image-score policy of IMAGE_SCORE_POLICIES
 (`current, <policy>`: validated, validated with a margin the maximum must lead the top-1% mean by
 (in normal spreads, or a bootstrap lower bound above zero), or the maximum above 4 or 8 shots as
@@ -41,7 +42,7 @@ from astfad.detector import Detector
 from astfad.metrics import image_auroc
 from astfad.scoring import image_scores
 from astfad.selection import (BOOTSTRAP_RESAMPLES, DEFAULT_STRATEGY, FAMILY_ERROR, MAP_SCORE_RULES,
-                              choose_image_score, choose_strategy, min_gain, separation)
+                              choose_image_score, choose_strategy, log_separation, min_gain, separation)
 from cached_rows import cached_rows, recorded_rows
 from protocol import held_out_best, probe_test_set, strided_metrics
 
@@ -141,17 +142,30 @@ def pixel_with_separation_veto(terms: Terms, seed: int, shots: int) -> str:
     return DEFAULT_STRATEGY if best_separation(terms[choice]) < best_separation(terms[DEFAULT_STRATEGY]) else choice
 
 
+def by_log_separation(margin: float) -> Callable[[dict[str, np.ndarray], int], str]:
+    """The maximum where its log separation leads the top-1% mean's by more than `margin`."""
+    def policy(term: dict[str, np.ndarray], shots: int) -> str:
+        lead = (log_separation(term["normal_max"], term["anomalous_max"])
+                - log_separation(term["normal_top1"], term["anomalous_top1"]))
+        return "max" if lead > margin else "top1"
+    return policy
+
+
 ImageScorePolicy = Callable[[dict[str, np.ndarray], int], str]  # (chosen expert's term, shots) -> rule
 TODAY = "validated at every shot count"
+BEFORE_LOG = "validated, by the spread separation at one shot too (before ONE_SHOT_LOG_MARGIN)"
 SEPARATION_MARGINS = (0.25, 0.5, 1.0, 2.0, 4.0)  # normal spreads by which the maximum must lead the top-1% mean
+LOG_MARGINS = (0.0, 0.02, 0.05, 0.1)  # the same on the median log ratio to the normal mean, at every shot count
 IMAGE_SCORE_POLICIES: dict[str, ImageScorePolicy] = {
     TODAY: lambda term, shots: choose_image_score(term, "top1", shots)["choice"],
+    BEFORE_LOG: lambda term, shots: choose_image_score(term, "top1", shots, one_shot_log_margin=None)["choice"],
     **{f"validated up to {bound} shots, then the maximum (auto_max_score_above {bound})":
        (lambda term, shots, bound=bound: choose_image_score(term, "top1", shots, bound)["choice"]) for bound in (4, 8)},
     **{f"validated, the maximum's separation gain > {m:g}":
-       (lambda term, shots, m=m: choose_image_score(term, "top1", shots, min_gain=m)["choice"]) for m in SEPARATION_MARGINS},
+       (lambda term, shots, m=m: choose_image_score(term, "top1", shots, min_gain=m, one_shot_log_margin=None)["choice"]) for m in SEPARATION_MARGINS},
     "validated, the maximum's bootstrap lower bound > 0":
-        lambda term, shots: choose_image_score(term, "top1", shots, bootstrap=True)["choice"],
+        lambda term, shots: choose_image_score(term, "top1", shots, bootstrap=True, one_shot_log_margin=None)["choice"],
+    **{f"validated, log ratio, the maximum's lead > {m:g}": by_log_separation(m) for m in LOG_MARGINS},
     "top1 always": lambda term, shots: "top1",
     "max always": lambda term, shots: "max"}
 
@@ -174,8 +188,8 @@ FAMILIES = {"every rule": [name for name in RULES if name != "current"],
                            if policy == TODAY or "validated," in policy]}
 
 
-def replay(rows: list[dict[str, Any]], rules: dict[str, Rule], recorded: str = "current"
-           ) -> dict[tuple[str, str, int], list[tuple]]:
+def replay(rows: list[dict[str, Any]], rules: dict[str, Rule], recorded: str = "current",
+           recorded_score: str = TODAY) -> dict[tuple[str, str, int], list[tuple]]:
     """{(rule, category, shots): [(image AUROC, pixel AUROC, AUPRO) per seed]}, each rule's expert
     scored with the image-score rule today's `auto` takes on it, and the `current` rule's expert
     under every policy of IMAGE_SCORE_POLICIES (`current, <policy>`); the fixed experts (top-1%
@@ -191,9 +205,10 @@ def replay(rows: list[dict[str, Any]], rules: dict[str, Rule], recorded: str = "
         for name, rule in rules.items():
             expert = chosen[name] = rule(terms, row["seed"], row["shots"])
             score = IMAGE_SCORE_POLICIES[TODAY](terms[expert], row["shots"])
-            if name == recorded and (expert, score) != (row["choice"], row["image_score"]):
-                raise SystemExit(f"the rule '{recorded}' does not reproduce {key} seed {row['seed']}: "
-                                 f"{expert}/{score} against {row['choice']}/{row['image_score']}")
+            then = IMAGE_SCORE_POLICIES[recorded_score](terms[expert], row["shots"])
+            if name == recorded and (expert, then) != (row["choice"], row["image_score"]):
+                raise SystemExit(f"the rule '{recorded}' with '{recorded_score}' does not reproduce {key} seed "
+                                 f"{row['seed']}: {expert}/{then} against {row['choice']}/{row['image_score']}")
             out.setdefault((name, *key), []).append(figures(expert, score))
         expert = chosen["current"] if "current" in chosen else current(terms, row["seed"], row["shots"])
         for policy, choose in IMAGE_SCORE_POLICIES.items():
@@ -207,8 +222,8 @@ def replay(rows: list[dict[str, Any]], rules: dict[str, Rule], recorded: str = "
     return out
 
 
-def report(rows: list[dict[str, Any]], recorded: str = "current") -> None:
-    results = replay(rows, RULES, recorded)
+def report(rows: list[dict[str, Any]], recorded: str = "current", recorded_score: str = TODAY) -> None:
+    results = replay(rows, RULES, recorded, recorded_score)
     shot_counts = sorted({r["shots"] for r in rows})
     # categories recorded at every shot count (a run still in progress lacks some)
     categories = sorted(c for c in {r["category"] for r in rows}
@@ -252,13 +267,16 @@ def main() -> None:
     parser.add_argument("--rows", type=Path, nargs="+", help="report on these recorded runs together")
     parser.add_argument("--recorded-rule", default="current", choices=list(RULES),
                         help="the rule the records were made under, which must reproduce their choices")
+    parser.add_argument("--recorded-image-score", default=TODAY, choices=list(IMAGE_SCORE_POLICIES),
+                        help="the image-score policy the records were made under (records before "
+                             "ONE_SHOT_LOG_MARGIN: the spread separation at one shot too)")
     args = parser.parse_args()
     if args.rows:
         rows = recorded_rows(args.rows)
     else:
         rows = cached_rows(args.out, lambda: collect(args.data, args.shots, args.seeds,
                                                            args.out.with_suffix(".partial.json")))
-    report(rows, args.recorded_rule)
+    report(rows, args.recorded_rule, args.recorded_image_score)
 
 
 if __name__ == "__main__":

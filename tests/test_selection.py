@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 
 from astfad.data.synthetic import ANOMALY_KINDS
-from astfad.selection import (MIN_GAIN, ONE_SHOT_MIN_GAIN, PAPER_PRESET, Evidence, SelectionReport, choose_image_score, choose_strategy,
+from astfad.selection import (MIN_GAIN, ONE_SHOT_LOG_MARGIN, ONE_SHOT_MIN_GAIN, PAPER_PRESET, Evidence, SelectionReport, choose_image_score, choose_strategy,
                               load_pinned, min_gain, pixel_fractions, pinned_strategy, rule_scores, separation,
-                              separation_gain_low,
+                              log_separation, separation_gain_low,
                               synthetic_anomalies, validation_terms)
 
 
@@ -136,22 +136,23 @@ def _maps_with(rng, count: int, spot: float = 0.0, patch: float = 0.0) -> np.nda
 
 
 def test_image_score_rule_follows_the_separation_of_the_validation():
+    # above one shot: the separation in normal spreads
     rng = np.random.default_rng(0)
     normal = _maps_with(rng, 8)
     # defects of one hot pixel, which a top-1% mean (10 pixels here) dilutes: max separates further
     spots = Evidence(np.zeros(8), normal, np.zeros(24), _maps_with(rng, 24, spot=12.0))
-    chosen = choose_image_score(rule_scores(spots), "top1")
+    chosen = choose_image_score(rule_scores(spots), "top1", 4)
     assert chosen["choice"] == "max" and chosen["separation"]["max"] > chosen["separation"]["top1"]
     assert "further than 'top1'" in chosen["reason"]
     # broad faint defects, over which a noisy maximum wanders: the top-1% mean separates further
     patches = Evidence(np.zeros(8), normal, np.zeros(24), _maps_with(rng, 24, patch=2.5))
-    chosen = choose_image_score(rule_scores(patches), "top1")
+    chosen = choose_image_score(rule_scores(patches), "top1", 4)
     assert chosen["choice"] == "top1" and chosen["reason"].startswith("the default")
-    assert choose_image_score(rule_scores(patches), "max")["choice"] == "top1"  # a default that separates less gives way
+    assert choose_image_score(rule_scores(patches), "max", 4)["choice"] == "top1"  # a default that separates less gives way
     same = Evidence(np.zeros(8), normal, np.zeros(8), normal)
-    assert choose_image_score(rule_scores(same), "max")["choice"] == "max"
+    assert choose_image_score(rule_scores(same), "max", 4)["choice"] == "max"
     with pytest.raises(ValueError, match="reweight"):
-        choose_image_score(rule_scores(spots), "reweight")
+        choose_image_score(rule_scores(spots), "reweight", 4)
 
 
 def test_image_score_is_the_maximum_above_max_above_shots_whatever_the_validation_says():
@@ -174,13 +175,35 @@ def test_the_maximum_must_lead_by_the_margin_and_beyond_the_validations_noise():
         rng = np.random.default_rng(0)
         return rule_scores(Evidence(np.zeros(4), _maps_with(rng, 4), np.zeros(12), _maps_with(rng, 12, spot=strength)))
     faint = spots(3.0)  # the maximum leads by about 2 normal spreads, on 4 normal images
-    lead = choose_image_score(faint, "top1")["separation"]
+    lead = choose_image_score(faint, "top1", 4)["separation"]
     assert lead["max"] - lead["top1"] > 1.5
-    assert choose_image_score(faint, "top1", min_gain=1.5)["choice"] == "max"
-    held = choose_image_score(faint, "top1", min_gain=lead["max"] - lead["top1"] + 0.1)
+    assert choose_image_score(faint, "top1", 4, min_gain=1.5)["choice"] == "max"
+    held = choose_image_score(faint, "top1", 4, min_gain=lead["max"] - lead["top1"] + 0.1)
     assert held["choice"] == "top1" and "by more than" in held["reason"]
     assert separation_gain_low(faint, "max", "top1") < 0  # which 4 normal images were drawn decides the lead
-    noisy = choose_image_score(faint, "top1", bootstrap=True)
+    noisy = choose_image_score(faint, "top1", 4, bootstrap=True)
     assert noisy["choice"] == "top1" and "noise" in noisy["reason"]
     assert separation_gain_low(spots(5.0), "max", "top1") > 0
-    assert choose_image_score(spots(5.0), "top1", bootstrap=True)["choice"] == "max"
+    assert choose_image_score(spots(5.0), "top1", 4, 4, bootstrap=True)["choice"] == "max"
+
+
+def test_at_one_shot_the_maximum_must_lead_in_log_separation():
+    normal = np.abs(_maps_with(np.random.default_rng(0), 8)) + 1.0  # positive, as distances are
+
+    def term(spot: float) -> dict[str, np.ndarray]:
+        spots = np.abs(_maps_with(np.random.default_rng(1), 24, spot=spot)) + 1.0
+        return rule_scores(Evidence(np.zeros(8), normal, np.zeros(24), spots))
+    strong = choose_image_score(term(12.0), "top1", 1)
+    assert strong["choice"] == "max" and "log separation" in strong["reason"]
+    assert strong["log_separation"]["max"] - strong["log_separation"]["top1"] > ONE_SHOT_LOG_MARGIN
+    # a faint spot the maximum sees a little better: under the margin at one shot, ahead in spreads above
+    faint = choose_image_score(term(1.0), "top1", 1)
+    lead = faint["log_separation"]["max"] - faint["log_separation"]["top1"]
+    assert 0 < lead < ONE_SHOT_LOG_MARGIN and faint["choice"] == "top1" and "at one shot" in faint["reason"]
+    assert choose_image_score(term(1.0), "top1", 4)["choice"] == "max"
+    assert choose_image_score(term(1.0), "top1", 1, one_shot_log_margin=None)["choice"] == "max"
+    assert log_separation(np.array([2.0, 2.0]), np.array([2.0, 4.0, 8.0])) == pytest.approx(np.log(2.0))
+    # scores that are not all positive (fused, normalised maps) keep the spread separation
+    rng = np.random.default_rng(2)
+    signed = rule_scores(Evidence(np.zeros(8), _maps_with(rng, 8) - 5, np.zeros(24), _maps_with(rng, 24, spot=12.0) - 5))
+    assert "log_separation" not in choose_image_score(signed, "top1", 1)

@@ -42,7 +42,7 @@ from astfad.detector import Detector
 from astfad.metrics import image_auroc
 from astfad.scoring import image_scores
 from astfad.selection import (BOOTSTRAP_RESAMPLES, DEFAULT_STRATEGY, FAMILY_ERROR, MAP_SCORE_RULES,
-                              choose_image_score, choose_strategy, log_separation, min_gain, separation)
+                              choose_image_score, choose_strategy, min_gain, separation)
 from cached_rows import cached_rows, recorded_rows
 from protocol import held_out_best, probe_test_set, strided_metrics
 
@@ -142,15 +142,6 @@ def pixel_with_separation_veto(terms: Terms, seed: int, shots: int) -> str:
     return DEFAULT_STRATEGY if best_separation(terms[choice]) < best_separation(terms[DEFAULT_STRATEGY]) else choice
 
 
-def by_log_separation(margin: float) -> Callable[[dict[str, np.ndarray], int], str]:
-    """The maximum where its log separation leads the top-1% mean's by more than `margin`."""
-    def policy(term: dict[str, np.ndarray], shots: int) -> str:
-        lead = (log_separation(term["normal_max"], term["anomalous_max"])
-                - log_separation(term["normal_top1"], term["anomalous_top1"]))
-        return "max" if lead > margin else "top1"
-    return policy
-
-
 ImageScorePolicy = Callable[[dict[str, np.ndarray], int], str]  # (chosen expert's term, shots) -> rule
 TODAY = "validated at every shot count"
 BEFORE_LOG = "validated, by the spread separation at one shot too (before ONE_SHOT_LOG_MARGIN)"
@@ -165,7 +156,9 @@ IMAGE_SCORE_POLICIES: dict[str, ImageScorePolicy] = {
        (lambda term, shots, m=m: choose_image_score(term, "top1", shots, min_gain=m, one_shot_log_margin=None)["choice"]) for m in SEPARATION_MARGINS},
     "validated, the maximum's bootstrap lower bound > 0":
         lambda term, shots: choose_image_score(term, "top1", shots, bootstrap=True, one_shot_log_margin=None)["choice"],
-    **{f"validated, log ratio, the maximum's lead > {m:g}": by_log_separation(m) for m in LOG_MARGINS},
+    # shots=1 makes choose_image_score compare by the log ratio at every shot count
+    **{f"validated, log ratio, the maximum's lead > {m:g}":
+       (lambda term, shots, m=m: choose_image_score(term, "top1", 1, one_shot_log_margin=m)["choice"]) for m in LOG_MARGINS},
     "top1 always": lambda term, shots: "top1",
     "max always": lambda term, shots: "max"}
 
@@ -205,10 +198,11 @@ def replay(rows: list[dict[str, Any]], rules: dict[str, Rule], recorded: str = "
         for name, rule in rules.items():
             expert = chosen[name] = rule(terms, row["seed"], row["shots"])
             score = IMAGE_SCORE_POLICIES[TODAY](terms[expert], row["shots"])
-            then = IMAGE_SCORE_POLICIES[recorded_score](terms[expert], row["shots"])
-            if name == recorded and (expert, then) != (row["choice"], row["image_score"]):
-                raise SystemExit(f"the rule '{recorded}' with '{recorded_score}' does not reproduce {key} seed "
-                                 f"{row['seed']}: {expert}/{then} against {row['choice']}/{row['image_score']}")
+            if name == recorded:
+                then = IMAGE_SCORE_POLICIES[recorded_score](terms[expert], row["shots"])
+                if (expert, then) != (row["choice"], row["image_score"]):
+                    raise SystemExit(f"the rule '{recorded}' with '{recorded_score}' does not reproduce {key} seed "
+                                     f"{row['seed']}: {expert}/{then} against {row['choice']}/{row['image_score']}")
             out.setdefault((name, *key), []).append(figures(expert, score))
         expert = chosen["current"] if "current" in chosen else current(terms, row["seed"], row["shots"])
         for policy, choose in IMAGE_SCORE_POLICIES.items():

@@ -143,8 +143,8 @@ def collect(data: Path, size: int, grid_rule: str, sigma: float, shots: list[int
             if only and category.name not in only:
                 continue
             aspect = category_aspect(category)
-            median_side = statistics.median(math.sqrt(h * w) for h, w in
-                                            (image_size(s.path) for s in category.train))
+            median_side = (statistics.median(math.sqrt(h * w) for h, w in (image_size(s.path) for s in category.train))
+                           if grid_rule == "native" else 0.0)
             grid = DetectorConfig().eval_grid(aspect)
             tests = load_test_set(category, grid, print)
             keep = subsample(tests.labels, [s.defect_type for s in tests.samples], per_type)

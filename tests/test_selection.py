@@ -184,7 +184,7 @@ def test_the_maximum_must_lead_by_the_margin_and_beyond_the_validations_noise():
     noisy = choose_image_score(faint, "top1", 4, bootstrap=True)
     assert noisy["choice"] == "top1" and "noise" in noisy["reason"]
     assert separation_gain_low(spots(5.0), "max", "top1") > 0
-    assert choose_image_score(spots(5.0), "top1", 4, 4, bootstrap=True)["choice"] == "max"
+    assert choose_image_score(spots(5.0), "top1", 4, bootstrap=True)["choice"] == "max"
 
 
 def test_at_one_shot_the_maximum_must_lead_in_log_separation():

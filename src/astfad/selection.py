@@ -353,8 +353,8 @@ def choose_image_score(term: dict[str, np.ndarray], default: str, shots: int = 1
         return {"choice": "max", "separation": values,
                 "reason": f"above {max_above} shots the map's maximum (auto_max_score_above): the validation's "
                           "separation favours the top-1% mean, the development categories' test sets did not"}
-    positive = all(np.min(term[f"{kind}_{rule}"]) > 0 for kind in ("normal", "anomalous") for rule in MAP_SCORE_RULES)
-    if shots == 1 and one_shot_log_margin is not None and positive:
+    if shots == 1 and one_shot_log_margin is not None and all(
+            np.min(term[f"{kind}_{rule}"]) > 0 for kind in ("normal", "anomalous") for rule in MAP_SCORE_RULES):
         logs = {rule: log_separation(term[f"normal_{rule}"], term[f"anomalous_{rule}"]) for rule in MAP_SCORE_RULES}
         winners = [rule for rule in MAP_SCORE_RULES if rule != default and logs[rule] - logs[default] > one_shot_log_margin]
         out = {"separation": values, "log_separation": logs}

@@ -117,7 +117,7 @@ def collect(data: Path, shots: list[int], seeds: list[int], cache: Path, defect_
                 for rule, self_k in [(r, j) for r in rules for j in (self_ks if r in SELF_RULES else [None])]:
                     raw = patch[rule](owns.get(self_k))
                     maps = to_eval_grid(raw, grid, det.config.blur_sigma)
-                    scores = image_scores(maps, "top1").numpy()
+                    scores = image_scores(maps, "top1", det.score_border).numpy()
                     metrics = tests.metrics(scores, maps.numpy())
                     rows.append({"category": category.name, "shots": k, "seed": seed, "rule": rule,
                                  **({"self_k": self_k} if self_k is not None else {}),

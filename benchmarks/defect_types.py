@@ -50,7 +50,7 @@ def main() -> None:
         det = Detector(args.strategy, cache=cache, aspect_ratio=aspect, seed=seed).fit(train)
         _, expert_maps = det.maps_of(tests.images, tests.keys, "all")
         maps = det.combine(det.strategy, expert_maps)
-        scores = image_scores(maps, det.image_score).numpy()
+        scores = image_scores(maps, det.image_score, det.score_border).numpy()
         maps = maps[:, ::2, ::2].numpy()
         for kind in figures:
             keep = np.ones(len(types), bool) if kind == "all" else good | (types == kind)

@@ -75,9 +75,9 @@ def collect(data: Path, shots: list[int], seeds: list[int]) -> list[dict]:
                 row = {"category": category.name, "shots": k, "seed": seed}
                 for name, raw in variant_distances(det, feats).items():
                     maps = to_eval_grid(raw, det.eval_grid(), det.config.blur_sigma)
-                    figures = strided_metrics(strided, image_scores(maps, "top1").numpy(), maps)
+                    figures = strided_metrics(strided, image_scores(maps, "top1", det.score_border).numpy(), maps)
                     row[name] = [figures["image_auroc"], figures["pixel_auroc"], figures["aupro"],
-                                 image_auroc(tests.labels, image_scores(maps, "max").numpy())]
+                                 image_auroc(tests.labels, image_scores(maps, "max", det.score_border).numpy())]
                 rows.append(row)
                 print(category.name, k, seed, {n: round(100 * row[n][0], 1) for n in VARIANTS}, flush=True)
     return rows

@@ -68,9 +68,9 @@ def collect(data: Path, shots: list[int], seeds: list[int], partial: Path) -> li
                 test = {}
                 for name in det.selection_terms:
                     maps = det.combine(name, expert_maps)
-                    figures = strided_metrics(strided, image_scores(maps, "top1").numpy(), maps)
+                    figures = strided_metrics(strided, image_scores(maps, "top1", det.score_border).numpy(), maps)
                     test[name] = {"pixel_auroc": figures["pixel_auroc"], "aupro": figures["aupro"],
-                                  **{rule: image_auroc(tests.labels, image_scores(maps, rule).numpy())
+                                  **{rule: image_auroc(tests.labels, image_scores(maps, rule, det.score_border).numpy())
                                      for rule in MAP_SCORE_RULES}}
                 rows.append({"category": category.name, "shots": k, "seed": seed, "choice": det.strategy,
                              "image_score": det.image_score, "test": test,

@@ -180,7 +180,8 @@ def collect(data: Path, size: int, grid_rule: str, sigma: float, shots: list[int
                         base = eval_maps(plain)
                         for test_flips in test_flip_options:
                             maps = (base + eval_maps(mirror)) / 2 if test_flips else base
-                            m = subset.metrics(image_scores(maps).numpy(), maps.numpy())
+                            m = subset.metrics(image_scores(maps, "top1", DetectorConfig().score_border_pixels()).numpy(),
+                                               maps.numpy())
                             rows.append({"category": category.name, "size": size, "shots": k, "seed": seed,
                                          "blocks": list(layer_set), "ref_flips": ref_flips,
                                          "test_flips": test_flips, "grid": grid_rule, "sigma": sigma,

@@ -64,7 +64,7 @@ def collect(data: Path, shots: list[int], seeds: list[int], max_test: int, strat
                 original = det._fit_thresholds
 
                 def spy(normal_maps, normal_scores, original=original):
-                    captured.update({(n, rule): image_scores(det.combine(n, normal_maps), rule).tolist()
+                    captured.update({(n, rule): image_scores(det.combine(n, normal_maps), rule, det.score_border).tolist()
                                      for n in strategies for rule in rules})
                     return original(normal_maps, normal_scores)
 
@@ -73,7 +73,7 @@ def collect(data: Path, shots: list[int], seeds: list[int], max_test: int, strat
                 _, maps = det.maps_of(images, keys, "all")
                 for strategy in strategies:
                     for rule in rules:
-                        scores = image_scores(det.combine(strategy, maps), rule)
+                        scores = image_scores(det.combine(strategy, maps), rule, det.score_border)
                         rows.append({"category": category.name, "shots": k, "seed": seed, "strategy": strategy,
                                      "rule": rule, "normal": captured[(strategy, rule)], "test": scores.tolist(),
                                      "labels": labels})

@@ -7,6 +7,7 @@ import torch
 from astfad.config import candidate_strategies
 from astfad.detector import FORMAT_VERSION, Detector, ModelFileError
 from astfad.metrics import image_auroc
+from astfad.scoring import image_scores
 from astfad.selection import MIN_GAIN, ONE_SHOT_MIN_GAIN, choose_strategy
 from conftest import read_raw, write_raw
 
@@ -441,3 +442,26 @@ def test_self_match_is_saved_and_a_file_from_before_loads_without_it(fake_backbo
     before = Detector.load(write_raw(tmp_path / "before.safetensors", meta, tensors))
     assert before.config.self_match == 0
     assert [p.score for p in before.predict(test)] == [p.score for p in plain.predict(test)]
+
+
+def test_score_border_is_saved_and_a_file_from_before_loads_without_it(fake_backbones, parts, tmp_path):
+    """With `score_border` the image score leaves the map's edge out, for normal and test images
+    alike: the same maps, scores read inside the border; a saved model keeps it, a file from before
+    the setting loads with the whole map scored, as it was fitted."""
+    bordered = Detector("semantic", score_border=0.1, **FAST).fit(parts["train"][:2])
+    whole = Detector("semantic", score_border=0.0, **FAST).fit(parts["train"][:2])
+    assert bordered.score_border == round(0.1 * FAST["eval_size"]) and whole.score_border == 0
+    _, maps = bordered.maps_of(parts["test"], strategy="all")
+    _, whole_maps = whole.maps_of(parts["test"], strategy="all")
+    assert torch.equal(maps["semantic"], whole_maps["semantic"])
+    inner = maps["semantic"][:, 11:-11, 11:-11]
+    scores = [p.score for p in bordered.predict(parts["test"])]
+    assert scores == pytest.approx(image_scores(inner, bordered.image_score).tolist(), rel=1e-5)
+    assert scores != pytest.approx([p.score for p in whole.predict(parts["test"])], rel=1e-3)
+    path = bordered.save(tmp_path / "bordered.safetensors")
+    assert [p.score for p in Detector.load(path).predict(parts["test"])] == scores
+    meta, tensors = read_raw(whole.save(tmp_path / "whole.safetensors"))
+    del meta["config"]["score_border"]
+    before = Detector.load(write_raw(tmp_path / "before.safetensors", meta, tensors))
+    assert before.config.score_border == 0.0
+    assert [p.score for p in before.predict(parts["test"])] == [p.score for p in whole.predict(parts["test"])]

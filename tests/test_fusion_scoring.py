@@ -58,6 +58,9 @@ def test_config_round_trip_and_validation():
         DetectorConfig(image_score="median")
     with pytest.raises(ValueError, match="blur_sigma"):
         DetectorConfig(blur_sigma=-1.0)
+    for bad in (-0.01, 0.25):
+        with pytest.raises(ValueError, match="score_border"):
+            DetectorConfig(score_border=bad)
 
 
 def test_blur_preserves_mass_and_smooths():
@@ -75,6 +78,24 @@ def test_image_score_rules():
     assert image_scores(maps, "max").tolist() == [0.0, 5.0]
     assert image_scores(maps, "top1").tolist() == [0.0, 5.0]  # 1% of 100 pixels = 1 pixel
     assert to_eval_grid(torch.ones(1, 4, 4), (32, 32), 4.0).shape == (1, 32, 32)
+
+
+def test_image_score_leaves_the_border_out():
+    """A hot spot on the map's edge counts only without a border; one inside always counts; a
+    border wider than a third of a side is cut to a third, so the middle third is always scored."""
+    maps = torch.zeros(2, 12, 30)
+    maps[0, 0, 15] = 5.0  # on the top edge
+    maps[1, 6, 15] = 5.0  # in the middle
+    for rule in ("max", "top1"):
+        edge, middle = image_scores(maps, rule).tolist()
+        assert edge == middle > 0
+        edge, middle = image_scores(maps, rule, border=1).tolist()
+        assert edge == 0.0 and middle > 0
+    wide = torch.zeros(1, 12, 30)
+    wide[0, 5, 12] = 1.0  # row 5 lies in rows 4-7, column 12 in columns 4-25: inside a third's cut
+    assert image_scores(wide, "max", border=100).item() == 1.0
+    assert DetectorConfig().score_border_pixels() == 8  # one ViT patch of 448 px on the 256 px grid
+    assert DetectorConfig(score_border=0.0).score_border_pixels() == 0
 
 
 def test_normaliser_fits_normal_statistics():

@@ -155,6 +155,20 @@ def test_image_score_rule_follows_the_separation_of_the_validation():
         choose_image_score(rule_scores(spots), "reweight", 4)
 
 
+def test_rule_scores_leave_the_border_out_as_the_detector_does():
+    """The image-score rule is chosen on scores read as the detector reads them: with a border,
+    a hot edge of the normal validation maps no longer masks the anomalies' spots."""
+    rng = np.random.default_rng(0)
+    normal = _maps_with(rng, 8)
+    normal[:, 0, :] += 20.0  # good parts whose edge lights up
+    spots = Evidence(np.zeros(8), normal, np.zeros(24), _maps_with(rng, 24, spot=12.0))
+    whole, inner = rule_scores(spots), rule_scores(spots, border=2)
+    assert whole["normal_max"].min() > whole["anomalous_max"].max()
+    assert inner["normal_max"].max() < inner["anomalous_max"].min()
+    terms = validation_terms({"semantic": spots}, np.zeros((24, 32, 32), np.uint8), border=2)
+    assert np.array_equal(terms["semantic"]["normal_max"], inner["normal_max"])
+
+
 def test_image_score_is_the_maximum_above_max_above_shots_whatever_the_validation_says():
     rng = np.random.default_rng(0)
     patches = rule_scores(Evidence(np.zeros(8), _maps_with(rng, 8), np.zeros(24), _maps_with(rng, 24, patch=2.5)))

@@ -149,6 +149,7 @@ class Detector:
         self.shots: list[str] = []
         self.strategy: str | None = None  # the applied strategy (auto's choice, or the given one)
         self.image_score: str = self.config.image_score  # the rule in use (auto may validate another)
+        self.score_border: int = self.config.score_border_pixels()  # pixels left out of the image score
         self.test_flip: bool = bool(self.config.test_flip)  # in use: fit resolves None by the shot count
         self.threshold: float | None = None
         self.pixel_threshold: float | None = None
@@ -491,7 +492,7 @@ class Detector:
                          "the development categories chose the experts alone; README)")
         validation = {"normal": len(normal.images), "anomalous": len(images), "kinds": kinds,
                       "single_shot_regions": len(self.shots) == 1}
-        self.selection_terms = validation_terms(evidence, true_masks)
+        self.selection_terms = validation_terms(evidence, true_masks, self.score_border)
         report = choose_strategy(self.selection_terms, DEFAULT_STRATEGY, cfg.seed, notes, validation,
                                  min_gain=min_gain(len(self.shots)))
         if cfg.auto_image_score and cfg.image_score in MAP_SCORE_RULES:
@@ -627,7 +628,7 @@ class Detector:
         test scores share one scale)."""
         if self.image_score == "reweight" and strategy == "texture":
             return self.experts["texture"].reweighted_scores(texture_feats, exclude)
-        return image_scores(maps, self.image_score)
+        return image_scores(maps, self.image_score, self.score_border)
 
     def families(self, strategy: str | None = None) -> list[str]:
         names = experts_of(strategy or self.strategy) if strategy != "all" else tuple(self.experts)
@@ -751,8 +752,10 @@ class Detector:
         fitted with `semantic_weights=X` needs `Detector.load(path, semantic_weights=X)` again."""
         path = Path(path)
         meta, tensors = read_model_file(path, FORMAT_VERSION)
-        # files from before the flip, the own test grids and the self-match were fitted without them
-        config = {"test_flip": False, "test_grid": "category", "self_match": 0, **meta["config"]}
+        # files from before the flip, the own test grids, the self-match and the score border were
+        # fitted without them
+        config = {"test_flip": False, "test_grid": "category", "self_match": 0, "score_border": 0.0,
+                  **meta["config"]}
         config["threads"] = None  # this machine's cores, not those of the one that fitted it
         if device is not None:
             config["device"] = device

@@ -116,7 +116,7 @@ class DetectorGraph(nn.Module):
         maps = {name: self.expert_map(name, feats[family_of(name)], mirrored[family_of(name)])
                 for name in self.experts}
         applied = self.detector.combine(self.detector.strategy, maps)
-        return applied, image_scores(applied, self.detector.image_score)
+        return applied, image_scores(applied, self.detector.image_score, self.detector.score_border)
 
 
 def _normalisation(backbone: nn.Module) -> dict[str, Any]:

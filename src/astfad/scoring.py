@@ -31,9 +31,16 @@ def to_eval_grid(patch_maps: torch.Tensor, grid: tuple[int, int], sigma: float) 
     return gaussian_blur(up.squeeze(1), sigma)
 
 
-def image_scores(maps: torch.Tensor, rule: str = "top1") -> torch.Tensor:
+def image_scores(maps: torch.Tensor, rule: str = "top1", border: int = 0) -> torch.Tensor:
     """(B,) image scores from (B, H, W) maps: `top1` = mean of the top 1% pixels (robust to a
-    single hot pixel, still sensitive to small defects), `max` = the largest pixel."""
+    single hot pixel, still sensitive to small defects), `max` = the largest pixel; `border`
+    pixels on every edge are left out (at most what leaves the middle third of each side): the
+    outermost patches light up on good parts, where the frame cuts the part and the ViT's tokens
+    meet the image's edge."""
+    if border > 0:
+        h, w = maps.shape[-2:]
+        by, bx = min(border, h // 3), min(border, w // 3)
+        maps = maps[:, by:h - by, bx:w - bx]
     flat = maps.flatten(1)
     if rule == "max":
         return flat.max(dim=1).values

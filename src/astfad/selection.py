@@ -228,22 +228,24 @@ def pixel_fractions(evidence: Evidence, masks: np.ndarray) -> np.ndarray:
     return out
 
 
-def rule_scores(evidence: Evidence) -> dict[str, np.ndarray]:
+def rule_scores(evidence: Evidence, border: int = 0) -> dict[str, np.ndarray]:
     """The normal and anomalous validation images' scores under each rule of MAP_SCORE_RULES
-    ("normal_<rule>", "anomalous_<rule>"): what the image-score rule is chosen on."""
+    ("normal_<rule>", "anomalous_<rule>"), `border` pixels left out as the detector's scores leave
+    them: what the image-score rule is chosen on."""
     out = {}
     for kind, maps in (("normal", evidence.normal_maps), ("anomalous", evidence.anomalous_maps)):
         flat = torch.from_numpy(np.ascontiguousarray(maps))
-        out.update({f"{kind}_{rule}": image_scores(flat, rule).numpy() for rule in MAP_SCORE_RULES})
+        out.update({f"{kind}_{rule}": image_scores(flat, rule, border).numpy() for rule in MAP_SCORE_RULES})
     return out
 
 
-def validation_terms(evidence: dict[str, Evidence], masks: np.ndarray) -> dict[str, dict[str, np.ndarray]]:
+def validation_terms(evidence: dict[str, Evidence], masks: np.ndarray, border: int = 0
+                     ) -> dict[str, dict[str, np.ndarray]]:
     """Each candidate's (M, N) image and pixel terms (see the module doc) and its `rule_scores`:
     everything the rules need, small enough for a benchmark to keep, so that a rule or a candidate
     set can be replayed on recorded validations (benchmarks/auto_candidates.py,
     benchmarks/selection_evidence.py)."""
-    return {name: {"image": image_fractions(ev), "pixel": pixel_fractions(ev, masks), **rule_scores(ev)}
+    return {name: {"image": image_fractions(ev), "pixel": pixel_fractions(ev, masks), **rule_scores(ev, border)}
             for name, ev in evidence.items()}
 
 

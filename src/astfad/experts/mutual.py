@@ -95,7 +95,8 @@ def score_batch(feats: torch.Tensor, grid: tuple[int, int], config: DetectorConf
     normal half's pixels (manual thresholds in `config` win); a verdict means "unusual within this
     batch", which holds while defects are rare in it."""
     maps = to_eval_grid(mutual_distances(feats, fraction), grid, config.blur_sigma)
-    scores = image_scores(maps, "max" if config.image_score == "max" else "top1")
+    scores = image_scores(maps, "max" if config.image_score == "max" else "top1",
+                          config.score_border_pixels())
     model = ThresholdModel.fit_robust(scores, maps, config.seed)
     threshold = config.threshold if config.threshold is not None else model.image.threshold(config.target_fpr)
     pixel_threshold = config.pixel_threshold if config.pixel_threshold is not None else \

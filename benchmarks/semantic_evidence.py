@@ -14,7 +14,8 @@ the mirror image, read as the detector reads it), and the self-match's k (expert
 0: the plain kNN)?
 
 Runs the semantic expert (cosine patch kNN, references rotated as the detector does, the
-detector's scoring protocol) for every (blocks, reference flips, test flips) variant on real
+detector's scoring protocol) for every (blocks, reference flips, test flips, image-score border)
+variant on real
 categories, one backbone pass per image and size (all blocks read at once, sliced per variant), at
 most --per-type defective images per defect type (all good ones). Prints image / pixel AUROC and
 AUPRO per category, their mean, and the leave-one-category-out choice (the variant with the best
@@ -59,13 +60,15 @@ from astfad.data.views import rotate
 from astfad.detector import OFFLINE_VIT_LAYERS, reference_angles
 from astfad.experts.semantic import SemanticExpert
 from astfad.features import Featurizer, semantic_reader
+from astfad.metrics import image_auroc
 from astfad.scoring import image_scores, to_eval_grid
 from cached_rows import cached_rows, recorded_rows
 from protocol import held_out_best
 
 METRICS = ("image_auroc", "pixel_auroc", "aupro")
-# size, blocks, flips (references, test), grid, self-match k: the detector's
-DEFAULT = (448, OFFLINE_VIT_LAYERS, False, False, "test_image", DetectorConfig().self_match)
+# size, blocks, flips (references, test), grid, self-match k, image-score border: the detector's
+DEFAULT = (448, OFFLINE_VIT_LAYERS, False, False, "test_image", DetectorConfig().self_match,
+           DetectorConfig().score_border)
 
 
 def subsample(labels: np.ndarray, types: list[str], per_type: int, seed: int = 0) -> list[int]:
@@ -126,7 +129,8 @@ def featurize_all(featurize: Callable[[int], Featurizer], size: int, images: lis
 
 def collect(data: Path, size: int, grid_rule: str, sigma: float, shots: list[int], seeds: list[int],
             sets: list[tuple[int, ...]], per_type: int, only: set[str] | None, self_match: list[int],
-            ref_flip_options: list[bool], test_flip_options: list[bool]) -> list[dict]:
+            ref_flip_options: list[bool], test_flip_options: list[bool],
+            borders: tuple[float, ...] = (DetectorConfig().score_border,)) -> list[dict]:
     blocks = tuple(sorted({b for s in sets for b in s}))
     torch.manual_seed(0)
     vit = load_backbone("dinov2_vits14")
@@ -180,20 +184,23 @@ def collect(data: Path, size: int, grid_rule: str, sigma: float, shots: list[int
                         base = eval_maps(plain)
                         for test_flips in test_flip_options:
                             maps = (base + eval_maps(mirror)) / 2 if test_flips else base
-                            m = subset.metrics(image_scores(maps, "top1", DetectorConfig().score_border_pixels()).numpy(),
-                                               maps.numpy())
-                            rows.append({"category": category.name, "size": size, "shots": k, "seed": seed,
-                                         "blocks": list(layer_set), "ref_flips": ref_flips,
-                                         "test_flips": test_flips, "grid": grid_rule, "sigma": sigma,
-                                         "self_match": k_self,
-                                         **{n: float(m[n]) for n in METRICS}})
+                            m = subset.metrics(image_scores(maps).numpy(), maps.numpy())  # pixel figures
+                            for border in borders:  # the border moves the image score alone
+                                pixels = DetectorConfig(score_border=border).score_border_pixels()
+                                image = image_auroc(subset.labels, image_scores(maps, "top1", pixels).numpy())
+                                rows.append({"category": category.name, "size": size, "shots": k, "seed": seed,
+                                             "blocks": list(layer_set), "ref_flips": ref_flips,
+                                             "test_flips": test_flips, "grid": grid_rule, "sigma": sigma,
+                                             "self_match": k_self, "score_border": border,
+                                             **{n: float(m[n]) for n in METRICS}, "image_auroc": image})
                 print(f"  {k} shot(s) seed {seed} done", flush=True)
     return rows
 
 
 def variant(row: dict) -> tuple:
     return (row["size"], tuple(row["blocks"]), row["ref_flips"], row["test_flips"], row["grid"],
-            row.get("self_match", 0))  # rows from before the self-match: the plain kNN
+            row.get("self_match", 0),  # rows from before the self-match: the plain kNN
+            row.get("score_border", 0.0))  # and from before the border: the whole map
 
 
 def report(rows: list[dict], sigma: float) -> None:
@@ -207,12 +214,12 @@ def report(rows: list[dict], sigma: float) -> None:
                 value[(c, v)] = [100 * float(np.mean([r[m] for r in cells])) for m in METRICS]
         done = [v for v in variants if all((c, v) in value for c in categories)]
         print(f"\n{k} shot(s): image AUROC / pixel AUROC / AUPRO (%, mean over seeds); "
-              f"variant = size, blocks, reference flips, test flips, grid, self-match k; maps smoothed with sigma {sigma}")
+              f"variant = size, blocks, reference flips, test flips, grid, self-match k, image-score border; maps smoothed with sigma {sigma}")
         print("| variant | " + " | ".join(categories) + " | mean |")
         print("|---|" + "---|" * (len(categories) + 1))
         for v in done:
             cells = [value[(c, v)] for c in categories]
-            print(f"| {v[0]} {','.join(map(str, v[1]))} {'R' if v[2] else '-'}{'T' if v[3] else '-'} {v[4]} k{v[5]} | "
+            print(f"| {v[0]} {','.join(map(str, v[1]))} {'R' if v[2] else '-'}{'T' if v[3] else '-'} {v[4]} k{v[5]} b{v[6]:g} | "
                   + " | ".join("/".join(f"{x:.1f}" for x in cell) for cell in cells)
                   + " | " + "/".join(f"{x:.1f}" for x in np.mean(cells, axis=0)) + " |")
         if DEFAULT not in done or len(categories) < 2:  # leave-one-out needs other categories to choose on
@@ -243,6 +250,8 @@ def main() -> None:
                         help="the self-match's k values to compare (0: the plain kNN)")
     parser.add_argument("--ref-flips", type=int, nargs="+", choices=(0, 1), default=[0, 1])
     parser.add_argument("--test-flips", type=int, nargs="+", choices=(0, 1), default=[0, 1])
+    parser.add_argument("--borders", type=float, nargs="+", default=[DetectorConfig().score_border],
+                        help="image-score borders to compare (score_border: share of the evaluation grid's side)")
     parser.add_argument("--out-dir", type=Path, default=Path("runs"))
     parser.add_argument("--rows", type=Path, nargs="+",
                         help="report on these row files (of --out-dir) together, e.g. real and generated")
@@ -256,11 +265,13 @@ def main() -> None:
     selection = f"_{'+'.join(sorted(only))}" if only else ""
     ref_flips, test_flips = sorted(set(map(bool, args.ref_flips))), sorted(set(map(bool, args.test_flips)))
     selection += (f"_blocks{args.sets.replace(';', '-').replace(',', '.')}_k{'.'.join(map(str, args.self_match))}"
-                  f"_rf{''.join(str(int(f)) for f in ref_flips)}_tf{''.join(str(int(f)) for f in test_flips)}")
+                  f"_rf{''.join(str(int(f)) for f in ref_flips)}_tf{''.join(str(int(f)) for f in test_flips)}"
+                  f"_b{'-'.join(f'{b:g}' for b in sorted(set(args.borders)))}")
     for size, grid in itertools.product(args.sizes, args.grids):
         rows += cached_rows(args.out_dir / f"semantic_evidence_{size}_{grid}_sigma{args.sigma:g}{selection}.json",
                             lambda: collect(args.data, size, grid, args.sigma, args.shots, args.seeds, sets,
-                                            args.per_type, only, args.self_match, ref_flips, test_flips))
+                                            args.per_type, only, args.self_match, ref_flips, test_flips,
+                                            tuple(sorted(set(args.borders)))))
     report(rows, args.sigma)
 
 

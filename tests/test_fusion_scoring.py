@@ -94,8 +94,8 @@ def test_image_score_leaves_the_border_out():
     wide = torch.zeros(1, 12, 30)
     wide[0, 5, 12] = 1.0  # row 5 lies in rows 4-7, column 12 in columns 4-25: inside a third's cut
     assert image_scores(wide, "max", border=100).item() == 1.0
-    assert DetectorConfig().score_border_pixels() == 8  # one ViT patch of 448 px on the 256 px grid
-    assert DetectorConfig(score_border=0.0).score_border_pixels() == 0
+    assert DetectorConfig(score_border=0.03).score_border_pixels() == 8  # one 448 px ViT patch on 256 px
+    assert DetectorConfig().score_border_pixels() == 0  # off by default
 
 
 def test_normaliser_fits_normal_statistics():

@@ -161,11 +161,11 @@ class DetectorConfig:
     # categories; PatchCore's sigma 4 hid small defects: benchmarks/setting_sweep.py)
     blur_sigma: float = 0.0
     image_score: str = "top1"
-    # share of the evaluation grid's side (eval_size) left out of the image score on every edge,
-    # about one ViT patch at the default sizes: the outermost patches light up on good parts where
-    # the frame cuts the part. 0.03 in 8 of 10 leave-one-category-out folds over the ten
-    # development categories at 1 and 4 shots (0.015 in the others; benchmarks/README.md)
-    score_border: float = 0.03
+    # share of the evaluation grid's side (eval_size) left out of the image score on every edge
+    # (0.03: about one ViT patch): the outermost patches light up on good parts where the frame
+    # cuts the part. Off: the semantic expert's leave-one-category-out chose 0.03, but `auto` with
+    # it lost held out over the ten development categories (README, "Image-score border")
+    score_border: float = 0.0
     # test-time flip: every map (of test, normal and validation images alike) is the mean of the
     # image's patch distances and those of its mirror image, flipped back: two backbone passes.
     # None: on when fitted with more than FEW_SHOTS images (leave-one-category-out, README)

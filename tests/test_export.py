@@ -60,7 +60,8 @@ def assert_equivalent(det, arrays, tmp_path, real=False):
     ("semantic_adapter", {}), ("fusion_add", {}), ("fusion_mul", {}), ("fusion_weighted_sum:0.3", {}),
     ("subspace", {}), ("fusion_max:texture+subspace", {}),
     ("texture", {"image_score": "max"}), ("fusion_add", {"blur_sigma": 4.0}),
-    ("semantic", {"test_flip": True}), ("fusion_max:texture+subspace", {"test_flip": True})])
+    ("semantic", {"test_flip": True}), ("fusion_max:texture+subspace", {"test_flip": True}),
+    ("semantic", {"score_border": 0.1})])
 def test_graph_matches_predict_with_stand_in_backbones(tiny_backbones, parts, tmp_path, strategy, extra):
     det = Detector(strategy, **FAST, **extra).fit(parts["train"][:4])
     spec = assert_equivalent(det, parts["test"][3:6], tmp_path)

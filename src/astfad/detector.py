@@ -149,7 +149,6 @@ class Detector:
         self.shots: list[str] = []
         self.strategy: str | None = None  # the applied strategy (auto's choice, or the given one)
         self.image_score: str = self.config.image_score  # the rule in use (auto may validate another)
-        self.score_border: int = self.config.score_border_pixels()  # pixels left out of the image score
         self.test_flip: bool = bool(self.config.test_flip)  # in use: fit resolves None by the shot count
         self.threshold: float | None = None
         self.pixel_threshold: float | None = None
@@ -620,6 +619,11 @@ class Detector:
         out = {name: self.normalisers[name].standardise(m) for name, m in expert_maps.items()}
         out[f"applied: {self.strategy}"] = self.normalisers["applied"].standardise(applied)
         return out
+
+    @property
+    def score_border(self) -> int:
+        """Pixels of the evaluation grid left out of the image score on every edge (config)."""
+        return self.config.score_border_pixels()
 
     def scores(self, strategy: str, maps: torch.Tensor, texture_feats: torch.Tensor | None = None,
                exclude: Exclusions = None) -> torch.Tensor:

@@ -17,11 +17,11 @@ Runs the semantic expert (cosine patch kNN, references rotated as the detector d
 detector's scoring protocol) for every (blocks, reference flips, test flips, image-score border)
 variant on real categories, one backbone pass per image and size (all blocks read at once, sliced
 per variant), at most --per-type defective images per defect type (all good ones). Prints image /
-pixel AUROC and AUPRO per category, their mean, and the leave-one-category-out choice (the variant with the best
-mean image AUROC on the other categories, per shot count) against the default (448 px, block 7,
-test images on their own grid, no flips, the detector's self-match, at --sigma): the protocol of
-benchmarks/README.md. `--ref-flips 0 --test-flips 0` computes only the unflipped variants (half
-the time) when blocks or k are the question.
+pixel AUROC and AUPRO per category, their mean, and the leave-one-category-out choice (the variant
+with the best mean image AUROC on the other categories, per shot count) against the default (448
+px, block 7, test images on their own grid, no flips, the detector's self-match, at --sigma): the
+protocol of benchmarks/README.md. `--ref-flips 0 --test-flips 0` computes only the unflipped
+variants (half the time) when blocks or k are the question.
 
 Rows are kept in --out-dir, one file per size, grid, sigma and category selection (the file name
 says which), so a rerun with the same arguments only re-reports and one with others never reuses
